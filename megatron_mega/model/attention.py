@@ -1,0 +1,137 @@
+"""Single-head attention of MEGA over chunks: softmax, laplace or relu^2 scores with a relative bias.
+
+Layout: queries are the last `L` positions of a key sequence of length `T = past + L` (past = keys cached from
+earlier decoding steps in the current chunk). With chunking, the key sequence is cut into chunks of `chunk_size`
+that attend only within themselves (Mega-chunk, linear in length); any length is accepted: the last chunk is padded
+with masked keys. Without chunking the whole sequence is one chunk.
+
+Masks agree across activations: a key is visible to a query when it is not padding and, for a decoder, not in the
+query's future. softmax gives invisible keys zero weight; laplace/relu^2 multiply them by zero and normalise the
+scores by the number of visible keys, so left padding, right padding and no padding give the same outputs on the
+real tokens. Rows with no visible key give finite values (never NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mega.model.activations import get_activation
+
+
+def _masked_value(dtype: torch.dtype) -> float:
+    # finite, so that a row with no visible key cannot produce NaN; a quarter of the range leaves room to add the
+    # causal and the padding term together without overflowing to -inf.
+    return torch.finfo(dtype).min / 4
+
+
+class ChunkedAttention(nn.Module):
+    """Attention weights and their application to values. Holds no parameters: the relative bias belongs to the
+    gated attention layer (transformers' state-dict layout) and is passed in."""
+
+    def __init__(self, config, attention_dropout: float):
+        super().__init__()
+        self.chunk_size = config.chunk_size if config.use_chunking else None
+        self.causal = bool(config.is_decoder)
+        self.activation_name = config.attention_activation
+        self.element_activation: Optional[Callable] = (
+            None if config.attention_activation == "softmax" else get_activation(config.attention_activation))
+        self.scaling = config.shared_representation_size ** -0.5
+        self.attention_dropout = attention_dropout
+
+    # ------------------------------------------------------------------ chunk layout
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask: Optional[torch.Tensor],
+        relative_bias: nn.Module,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """query (B, L, z); key (B, T, z); value (B, T, v); key_mask (B, T) bool, True = real token, or None.
+        Returns (B, L, v) and, if asked, the weights (B, chunks, chunk queries, chunk keys)."""
+        batch, length, _ = query.shape
+        total = key.shape[1]
+        past = total - length
+        if self.chunk_size is None or total <= self.chunk_size:
+            # one block; queries sit at positions past .. total-1 of it
+            out, weights = self._attend(
+                query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
+                None if key_mask is None else key_mask.unsqueeze(1), relative_bias, query_offset=past,
+                output_attentions=output_attentions)
+            return out.squeeze(1), weights
+        chunk = self.chunk_size
+        tail = (-total) % chunk
+        # queries are front-padded by the cached positions so that chunk boundaries fall where they did in the full
+        # sequence; those dummy rows are dropped afterwards
+        query = F.pad(query, (0, 0, past, tail))
+        key = F.pad(key, (0, 0, 0, tail))
+        value = F.pad(value, (0, 0, 0, tail))
+        if tail:
+            if key_mask is None:
+                key_mask = torch.ones(batch, total, dtype=torch.bool, device=key.device)
+            key_mask = F.pad(key_mask, (0, tail), value=False)
+        chunks = (total + tail) // chunk
+        out, weights = self._attend(
+            query.view(batch, chunks, chunk, -1), key.view(batch, chunks, chunk, -1),
+            value.view(batch, chunks, chunk, -1),
+            None if key_mask is None else key_mask.view(batch, chunks, chunk), relative_bias, query_offset=0,
+            output_attentions=output_attentions)
+        out = out.reshape(batch, chunks * chunk, -1)[:, past:past + length]
+        return out, weights
+
+    # ------------------------------------------------------------------ one block of chunks
+    def _attend(self, q, k, v, key_mask, relative_bias, query_offset: int, output_attentions: bool):
+        """q (B, K, Cq, z); k (B, K, Ck, z); v (B, K, Ck, v); key_mask (B, K, Ck) or None."""
+        n_query, n_key = q.shape[2], k.shape[2]
+        device = q.device
+        key_positions = torch.arange(n_key, device=device)
+        query_positions = key_positions[query_offset:] if query_offset else torch.arange(n_query, device=device)
+        bias = relative_bias(query_positions, key_positions).to(q.dtype)  # (Cq, Ck)
+        future = key_positions.view(1, -1) > query_positions.view(-1, 1) if self.causal else None  # (Cq, Ck)
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.element_activation is None:
+            return self._softmax(q, k, v, bias, future, key_mask, dropout, output_attentions)
+        return self._element(q, k, v, bias, future, key_mask, query_positions, dropout)
+
+    def _softmax(self, q, k, v, bias, future, key_mask, dropout, output_attentions):
+        masked = _masked_value(q.dtype)
+        scores_bias = bias if future is None else bias.masked_fill(future, masked)
+        if key_mask is not None:
+            scores_bias = scores_bias + torch.where(key_mask, 0.0, masked).to(q.dtype).unsqueeze(2)
+        if not output_attentions:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, dropout_p=dropout,
+                                                 scale=self.scaling)
+            return out, None
+        scores = torch.matmul(q * self.scaling, k.transpose(-1, -2)) + scores_bias
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.matmul(F.dropout(weights, dropout, self.training), v)
+        return out, weights
+
+    def _element(self, q, k, v, bias, future, key_mask, query_positions, dropout):
+        # the number of visible keys normalises the scores (MEGA's length scaling for laplace / relu^2)
+        if future is not None:
+            visible = ~future  # (Cq, Ck)
+            if key_mask is not None:
+                visible = visible & key_mask.unsqueeze(2)  # (B, K, Cq, Ck)
+                lengths = visible.sum(-1, keepdim=True)
+            else:
+                lengths = (query_positions + 1).view(-1, 1)
+        elif key_mask is not None:
+            visible = key_mask.unsqueeze(2)  # (B, K, 1, Ck)
+            lengths = key_mask.sum(-1, keepdim=True).unsqueeze(-1)
+        else:
+            visible = None
+            lengths = torch.tensor(k.shape[2], device=q.device)
+        lengths = lengths.clamp(min=1).to(q.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / lengths + bias
+        weights = self.element_activation(scores)
+        if visible is not None:
+            weights = weights * visible.to(weights.dtype)
+        out = torch.matmul(F.dropout(weights, dropout, self.training), v)
+        return out, weights
+

@@ -1,0 +1,33 @@
+"""One MEGA layer: gated attention then the normalized FFN. The unit the pipeline partitions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_mega.model.cache import MegaLayerCache
+from megatron_mega.model.ffn import MegaNormalizedFeedForwardNetwork
+from megatron_mega.model.gated_attention import MegaMovingAverageGatedAttention
+
+
+class MegaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.mega_layer = MegaMovingAverageGatedAttention(config)
+        self.nffn = MegaNormalizedFeedForwardNetwork(config) if config.use_normalized_ffn else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[MegaLayerCache] = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[MegaLayerCache], Optional[torch.Tensor]]:
+        hidden_states, new_cache, weights = self.mega_layer(
+            hidden_states, mask, cache=cache, use_cache=use_cache, output_attentions=output_attentions)
+        if self.nffn is not None:
+            hidden_states = self.nffn(hidden_states)
+        return hidden_states, new_cache, weights

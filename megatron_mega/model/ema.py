@@ -1,0 +1,134 @@
+"""Multi-dimensional damped EMA (MEGA section 2.2), batch-first.
+
+Each of the hidden channels d is expanded into N dimensions, smoothed by a damped EMA and projected back:
+
+    h[t, n] = p[n] * beta[n] * x[t] + (1 - p[n] * a[n]) * h[t-1, n]
+    y[t]    = sum_n eta[n] * h[t, n] / sqrt(N)
+
+which is a convolution of x with the kernel k[l] = sum_n eta[n] p[n] beta[n] q[n]^l / sqrt(N), q = 1 - p * a.
+
+Three ways to compute it, all exact:
+- full sequence: one FFT convolution (O(L log L)), causal or bidirectional (a second kernel reading the future);
+- decoding: the recurrence itself, from a (batch, hidden, N) state, O(hidden * N) per token whatever the context;
+- prefill with a state: FFT for the new tokens plus the decayed contribution of the state, and the new state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _fft_size(n: int) -> int:
+    """Smallest power of two >= n: the fastest transform length for pocketfft and cuFFT alike."""
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+class MegaMultiDimensionDampedEma(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_dim = config.hidden_size
+        self.ndim = config.ema_projection_size
+        self.bidirectional = config.bidirectional
+        self.truncation = config.truncation
+        self.scale = math.sqrt(1.0 / self.ndim)
+        kernel_dim = 2 * config.hidden_size if self.bidirectional else config.hidden_size
+        # names follow transformers; the paper's symbols in comments
+        self.damping_factor = nn.Parameter(torch.empty(kernel_dim, self.ndim, 1))  # delta -> p = sigmoid(delta)
+        self.decay_factor = nn.Parameter(torch.empty(kernel_dim, self.ndim, 1))  # alpha -> a = sigmoid(alpha)
+        self.ema_expansion_matrix = nn.Parameter(torch.empty(kernel_dim, self.ndim, 1))  # beta
+        self.kernel_projection_matrix = nn.Parameter(torch.empty(kernel_dim, self.ndim))  # eta
+        self.residual_weight = nn.Parameter(torch.empty(config.hidden_size))  # omega
+
+    # ------------------------------------------------------------------ coefficients and kernel
+    def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input weight p*beta, decay q, output weight eta/sqrt(N)), each (kernel_dim, N), in `dtype`."""
+        p = torch.sigmoid(self.damping_factor.to(dtype)).squeeze(-1)
+        q = 1.0 - p * torch.sigmoid(self.decay_factor.to(dtype)).squeeze(-1)
+        return p * self.ema_expansion_matrix.to(dtype).squeeze(-1), q, self.kernel_projection_matrix.to(dtype) * self.scale
+
+    def kernel(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """The convolution kernel k[d, l] for l < length, shape (kernel_dim, length)."""
+        weight, q, out = self.coefficients(dtype)
+        steps = torch.arange(length, device=q.device, dtype=dtype)
+        # q^l as exp(l log q): q is in (0, 1), so the log is finite and the powers cannot overflow
+        powers = torch.exp(steps.view(1, 1, length) * torch.log(q).unsqueeze(-1))
+        return torch.einsum("dn,dnl->dl", weight * out, powers)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        state: Optional[torch.Tensor] = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: (B, L, D); mask: (B, L), 1/True = token, 0/False = padding (zeroed before smoothing);
+        state: (B, D, N) EMA state after the previous tokens. Returns silu(ema(x) + omega * x) and, when
+        `return_state`, the state after the last token."""
+        residual = x * self.residual_weight
+        # the FFT and the recurrence run in float32 for half precision inputs and in float64 for float64 inputs
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        u = x.to(compute_dtype)
+        if mask is not None:
+            u = u * mask.unsqueeze(-1).to(compute_dtype)
+        if state is None and not return_state:
+            y = self._convolve(u)
+            new_state = None
+        else:
+            if self.bidirectional:
+                raise RuntimeError("a bidirectional EMA reads future tokens and cannot be decoded incrementally")
+            if self.truncation is not None:
+                raise RuntimeError(
+                    "an EMA with `truncation` has no finite recurrent state; decode with use_cache=False")
+            y, new_state = self._recurrent(u, state)
+        out = F.silu(y.to(x.dtype) + residual)
+        return out, new_state
+
+    def _convolve(self, u: torch.Tensor) -> torch.Tensor:
+        """Full-sequence EMA by FFT. u: (B, L, D) -> (B, L, D)."""
+        _, length, dim = u.shape
+        k_len = length if self.truncation is None else min(self.truncation, length)
+        kernel = self.kernel(k_len, u.dtype)  # (Dk, K)
+        # linear (not circular) convolution needs n >= L + K - 1; the anti-causal half of a bidirectional kernel is
+        # placed at negative lags (the end of the buffer), which the same bound keeps apart from the outputs.
+        n = _fft_size(length + k_len - 1)
+        if self.bidirectional:
+            forward, backward = kernel[:dim], kernel[dim:]
+            full = u.new_zeros(dim, n)
+            full[:, :k_len] = forward
+            full[:, 0] += backward[:, 0]
+            if k_len > 1:
+                full[:, n - k_len + 1:] += backward[:, 1:].flip(-1)
+            kernel_f = torch.fft.rfft(full, n=n)
+        else:
+            kernel_f = torch.fft.rfft(kernel, n=n)
+        u_f = torch.fft.rfft(u.transpose(1, 2), n=n)  # (B, D, n/2+1)
+        y = torch.fft.irfft(u_f * kernel_f, n=n)[..., :length]
+        return y.transpose(1, 2)
+
+    def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal EMA continuing from `state`. u: (B, L, D); state: (B, D, N) or None."""
+        weight, q, out = self.coefficients(u.dtype)  # (D, N) each
+        length = u.shape[1]
+        if length == 1:
+            # one decoding step: the recurrence itself, O(D * N)
+            h = weight * u[:, 0, :, None]
+            if state is not None:
+                h = h + q * state.to(u.dtype)
+            return torch.einsum("bdn,dn->bd", h, out).unsqueeze(1), h
+        y = self._convolve(u)
+        steps = torch.arange(length + 1, device=u.device, dtype=u.dtype)
+        powers = torch.exp(steps.view(1, 1, -1) * torch.log(q).unsqueeze(-1))  # q^0 .. q^L, (D, N, L+1)
+        # state after the last token: sum_s weight q^(L-1-s) u[s] (+ q^L state)
+        new_state = torch.einsum("bld,dnl->bdn", u, powers[..., :length].flip(-1) * weight.unsqueeze(-1))
+        if state is not None:
+            state = state.to(u.dtype)
+            # the old state decays into every new output: y[t] += sum_n out q^(t+1) state
+            y = y + torch.einsum("bdn,dnl->bld", state, powers[..., 1:] * out.unsqueeze(-1))
+            new_state = new_state + powers[..., length] * state
+        return y, new_state

@@ -1,0 +1,105 @@
+"""Moving average equipped gated attention (MEGA section 3): the EMA, the gates and single-head attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mega.model.activations import get_activation
+from megatron_mega.model.attention import ChunkedAttention
+from megatron_mega.model.cache import MegaLayerCache
+from megatron_mega.model.dropout import MegaDropout
+from megatron_mega.model.ema import MegaMultiDimensionDampedEma
+from megatron_mega.model.norms import MegaSequenceNorm
+from megatron_mega.model.positional_bias import build_relative_positional_bias
+
+
+def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,
+                  batch: int, device) -> Optional[torch.Tensor]:
+    if past is None and new is None:
+        return None
+    if past is None:
+        past = torch.ones(batch, past_len, dtype=torch.bool, device=device)
+    if new is None:
+        new = torch.ones(batch, new_len, dtype=torch.bool, device=device)
+    return torch.cat([past, new], dim=1)
+
+
+class MegaMovingAverageGatedAttention(nn.Module):
+    """Names of submodules and parameters follow transformers so checkpoints map one to one."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.z_size = config.shared_representation_size
+        self.v_size = config.intermediate_size
+        self.chunk_size = config.chunk_size if config.use_chunking else None
+        self.normalize_before = config.normalize_before_mega
+        self.activation = get_activation(config.activation)
+        self.dropout = MegaDropout(config.dropout_prob, is_featurewise=config.use_feature_dropout)
+        self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, is_featurewise=config.use_feature_dropout)
+        self.norm = MegaSequenceNorm(config.normalization_type, config.hidden_size, affine=config.norm_affine)
+        self.ema_gate = MegaMultiDimensionDampedEma(config)
+        self.v_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.mx_proj = nn.Linear(config.hidden_size, self.z_size + self.v_size + 2 * config.hidden_size)
+        self.h_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.qk_weight = nn.Parameter(torch.empty(2, self.z_size))
+        self.qk_bias = nn.Parameter(torch.empty(2, self.z_size))
+        self.rel_pos_bias = build_relative_positional_bias(config)
+        self.attention = ChunkedAttention(config, config.attention_probs_dropout_prob)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[MegaLayerCache] = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, Optional[MegaLayerCache], Optional[torch.Tensor]]:
+        """x: (B, L, D); mask: (B, L) bool, True = real token, or None. Returns the output (B, L, D), the
+        layer's new cache when `use_cache`, and attention weights when asked."""
+        batch, length, _ = x.shape
+        residual = x
+        h = self.norm(x) if self.normalize_before else x
+        value = self.hidden_dropout(self.activation(self.v_proj(h)))  # (B, L, v)
+        ema_out, ema_state = self.ema_gate(
+            h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache)
+        base = self.mx_proj(self.dropout(ema_out))
+        gate_residual, query_key_gates, intermediate = torch.split(
+            base, [self.hidden_size, self.z_size + self.v_size, self.hidden_size], dim=-1)
+        gate_residual = torch.sigmoid(gate_residual)
+        query_key, attention_gate = torch.split(F.silu(query_key_gates), [self.z_size, self.v_size], dim=-1)
+        # one shared representation Z, two per-dimension affine maps to query and key
+        query = query_key * self.qk_weight[0] + self.qk_bias[0]
+        key = query_key * self.qk_weight[1] + self.qk_bias[1]
+
+        key_mask = mask
+        if cache is not None:
+            past = cache.key.shape[1]
+            key = torch.cat([cache.key, key], dim=1)
+            value = torch.cat([cache.value, value], dim=1)
+            key_mask = _concat_masks(cache.key_mask, past, mask, length, batch, x.device)
+        attended, weights = self.attention(query, key, value, key_mask, self.rel_pos_bias, output_attentions)
+
+        out = self.activation(intermediate + self.h_proj(attended * attention_gate))
+        out = self.dropout(out)
+        # gated residual: residual + r * (out - residual)
+        out = torch.addcmul(residual, gate_residual, out - residual)
+        if not self.normalize_before:
+            out = self.norm(out)
+        new_cache = self._next_cache(key, value, key_mask, ema_state) if use_cache else None
+        return out, new_cache, weights
+
+    def _next_cache(self, key, value, key_mask, ema_state) -> MegaLayerCache:
+        if self.chunk_size is not None:
+            # keep only the positions of the chunk still open; a full chunk is never attended to again
+            keep = key.shape[1] % self.chunk_size
+            start = key.shape[1] - keep
+            key, value = key[:, start:], value[:, start:]
+            key_mask = None if key_mask is None else key_mask[:, start:]
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None
+        return MegaLayerCache(key, value, key_mask, ema_state)
