@@ -1,0 +1,77 @@
+"""`megatron-mega`: the one console entry point. Subcommands stay thin and call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from megatron_mega.model.config import ConfigError, MegaConfig
+from megatron_mega.yaml_config import ConfigFileError, apply_overrides, load_yaml
+
+
+def _model_config(path: str, overrides: Sequence[str]) -> MegaConfig:
+    data = apply_overrides(load_yaml(path), overrides)
+    section = data.get("model", {})
+    if not isinstance(section, dict):
+        raise ConfigFileError(f"{path}: 'model' must be a mapping of MegaConfig fields")
+    unknown = sorted(set(section) - set(MegaConfig.field_names()) - {"num_labels"})
+    if unknown:
+        raise ConfigFileError(f"{path}: model: unknown MegaConfig field(s) {unknown}")
+    try:
+        return MegaConfig(**section)
+    except (ConfigError, TypeError) as err:
+        raise ConfigFileError(f"{path}: model.{err}") from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from megatron_mega.demo import run_demo
+
+    run_demo(_model_config(args.config, args.overrides), args.output_dir, seed=args.seed)
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from megatron_mega.model import MegaModel
+
+    config = _model_config(args.config, args.overrides)
+    model = MegaModel(config, add_pooling_layer=False)
+    print(config.to_json_string(), end="")
+    print(f"parameters: {model.num_parameters():,} "
+          f"({model.num_parameters(exclude_embeddings=True):,} without embeddings)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-mega", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="build a model from a config, save it, load it into all six heads")
+    demo.add_argument("--config", default="configs/model/tiny.yaml", help="YAML file with a 'model' section")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the Hugging Face-format checkpoint goes")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")
+    demo.set_defaults(func=_cmd_demo)
+
+    info = commands.add_parser("model-info", help="validate a model config and print it with parameter counts")
+    info.add_argument("--config", default="configs/model/tiny.yaml")
+    info.add_argument("overrides", nargs="*")
+    info.set_defaults(func=_cmd_model_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigFileError, ConfigError) as err:
+        print(f"megatron-mega: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
