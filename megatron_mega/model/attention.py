@@ -102,7 +102,8 @@ class ChunkedAttention(nn.Module):
         masked = _masked_value(q.dtype)
         scores_bias = bias if future is None else bias.masked_fill(future, masked)
         if key_mask is not None:
-            scores_bias = scores_bias + torch.where(key_mask, 0.0, masked).to(q.dtype).unsqueeze(2)
+            padding = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, masked)
+            scores_bias = scores_bias + padding.unsqueeze(2)
         if not output_attentions:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, dropout_p=dropout,
                                                  scale=self.scaling)

@@ -1,0 +1,27 @@
+"""Tiny MEGA configs and seeded inputs shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_mega import MegaConfig
+
+TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, intermediate_size=48, ema_projection_size=4,
+            shared_representation_size=16, nffn_hidden_size=40, max_positions=64, dropout_prob=0.0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0)
+
+
+def tiny_config(**overrides) -> MegaConfig:
+    """A tiny config; `decoder=True` is shorthand for is_decoder=True, bidirectional=False."""
+    decoder = overrides.pop("decoder", False)
+    if decoder:
+        overrides.setdefault("is_decoder", True)
+        overrides.setdefault("bidirectional", False)
+    return MegaConfig(**{**TINY, **overrides})
+
+
+def token_ids(batch: int, length: int, vocab: int = TINY["vocab_size"], seed: int = 0) -> torch.Tensor:
+    """Ids >= 3 (never bos/pad/eos), so unmasked positions are never the zero pad embedding."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
+
