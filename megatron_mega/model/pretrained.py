@@ -101,6 +101,14 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
         f"{LEGACY_WEIGHTS_NAME})")
 
 
+def _saved_architectures(directory: str) -> list[str]:
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh).get("architectures") or []
+
+
 class MegaPreTrainedModel(nn.Module):
     config_class = MegaConfig
     base_model_prefix = "mega"
@@ -314,8 +322,11 @@ class MegaPreTrainedModel(nn.Module):
             config = config.copy(**config_overrides)
         model = cls(config)
         state = read_state_dict(directory)
+        saved_architectures = _saved_architectures(directory)
         report = model.load_checkpoint_state(state, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                             source=directory)
+                                             source=directory,
+                                             source_architecture=saved_architectures[0] if saved_architectures
+                                             else None)
         target_dtype = dtype or torch_dtype
         if target_dtype is not None:
             model.to(target_dtype)
@@ -325,7 +336,8 @@ class MegaPreTrainedModel(nn.Module):
         return (model, report) if output_loading_info else model
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], ignore_mismatched_sizes: bool = False,
-                              source: str = "checkpoint") -> LoadingReport:
+                              source: str = "checkpoint",
+                              source_architecture: Optional[str] = None) -> LoadingReport:
         """Load a Hugging Face-format state dict of any MEGA class into this model (prefix-aware)."""
         own = self.state_dict()
         prefix = self.base_model_prefix + "."
@@ -340,6 +352,10 @@ class MegaPreTrainedModel(nn.Module):
             renamed[key] = tensor
         report = LoadingReport()
         to_load: dict[str, torch.Tensor] = {}
+        refused: list[str] = []
+        # a head weight of another architecture that happens to share a name (MultipleChoice's and
+        # TokenClassification's `classifier`) is not a shared weight: it is reinitialised and reported
+        other_head = source_architecture is not None and source_architecture != type(self).__name__
         for key, tensor in renamed.items():
             if key not in own:
                 report.unexpected_keys.append(key)
@@ -354,14 +370,17 @@ class MegaPreTrainedModel(nn.Module):
                     raise CheckpointError(
                         f"{source}: {key} is a causal EMA ({list(tensor.shape)}) but the config has "
                         f"bidirectional=True ({list(own[key].shape)})")
-                if not ignore_mismatched_sizes:
-                    raise CheckpointError(
-                        f"{source}: {key} has shape {list(tensor.shape)} in the checkpoint but "
-                        f"{list(own[key].shape)} in {type(self).__name__} (pass ignore_mismatched_sizes=True to "
-                        f"reinitialise it, e.g. for a new number of labels)")
+                is_head = has_base and not key.startswith(prefix)
+                if not (ignore_mismatched_sizes or (other_head and is_head)):
+                    refused.append(f"{key} {list(tensor.shape)} vs {list(own[key].shape)}")
                 report.mismatched_keys.append((key, tuple(tensor.shape), tuple(own[key].shape)))
                 continue
             to_load[key] = tensor
+        if refused:
+            raise CheckpointError(
+                f"{source}: shapes in the checkpoint differ from {type(self).__name__}'s (checkpoint vs model): "
+                f"{'; '.join(refused)}. Pass ignore_mismatched_sizes=True to reinitialise them, e.g. for a new "
+                f"number of labels")
         tied = set(self._tied_weights_keys) if self.config.tie_word_embeddings else set()
         ignore = [re.compile(p) for p in self._keys_to_ignore_on_load_missing]
         report.missing_keys = [k for k in own if k not in to_load and k not in tied
