@@ -25,3 +25,16 @@ def token_ids(batch: int, length: int, vocab: int = TINY["vocab_size"], seed: in
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)
 
+
+
+def decode_stepwise(model, ids: torch.Tensor, mask: torch.Tensor | None = None, first: int = 1):
+    """Logits of a prefill of `first` tokens followed by one cached step per token, and the final cache."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        out = model(ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(first, ids.shape[1]):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            cache = out.past_key_values
+    return torch.cat(logits, 1), cache

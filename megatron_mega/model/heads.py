@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def _encode(head: MegaPreTrainedModel, input_ids, attention_mask, token_type_ids, inputs_embeds,
+            output_attentions, output_hidden_states):
+    """The base model's forward as every non-generating head calls it."""
+    return head.mega(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
+                     output_hidden_states=output_hidden_states, return_dict=True)
+
+
 def _as_tuple(loss, head_outputs: tuple, base_outputs) -> tuple:
     """transformers' return_dict=False layout: (loss?, head outputs..., hidden_states, attentions)."""
     rest = (base_outputs.hidden_states, base_outputs.attentions)
@@ -135,11 +143,10 @@ class MegaForMaskedLM(_LMHeadModel):
         return_dict: Optional[bool] = None,
     ):
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
-        outputs = self.mega(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
-                            encoder_attention_mask=encoder_attention_mask, use_cache=False,
-                            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                            return_dict=True)
+        if encoder_hidden_states is not None or encoder_attention_mask is not None:
+            raise ValueError("MEGA cross-attention is not supported: encoder_hidden_states must be None")
+        outputs = _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions,
+                          output_hidden_states)
         logits = self.lm_logits(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -200,9 +207,8 @@ class MegaForSequenceClassification(MegaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
-        outputs = self.mega(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions,
+                          output_hidden_states)
         logits = self.classifier(outputs.last_hidden_state)
         loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
         if not return_dict:
@@ -253,9 +259,8 @@ class MegaForTokenClassification(MegaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, labels=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
-        outputs = self.mega(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions,
+                          output_hidden_states)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -283,9 +288,8 @@ class MegaForQuestionAnswering(MegaPreTrainedModel):
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
         if self.num_labels != 2:
             raise ValueError(f"MegaForQuestionAnswering needs num_labels=2 (start, end), got {self.num_labels}")
-        outputs = self.mega(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
-                            output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions,
+                          output_hidden_states)
         logits = self.qa_outputs(outputs.last_hidden_state)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None

@@ -6,7 +6,7 @@ import torch
 from megatron_mega import ConfigError, MegaConfig, MegaForCausalLM, MegaForMaskedLM, MegaModel
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
 from megatron_mega.model.norms import MegaRMSNorm
-from tests.helpers import tiny_config, token_ids
+from tests.helpers import decode_stepwise, tiny_config, token_ids
 
 
 def test_1_rmsnorm_normalises():
@@ -35,12 +35,8 @@ def test_3_chunked_decoder_shorter_than_a_chunk_and_cached():
     ids = token_ids(1, 5)
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :2], use_cache=True)
-        steps = [out.logits]
-        for t in range(2, 5):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)
+    stepped, _ = decode_stepwise(model, ids, first=2)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-6)
 
 
 def test_4_simple_bias_without_chunking_spans_max_positions_and_beyond():
@@ -92,12 +88,8 @@ def test_9_cached_decoding_of_element_attention(activation):
     ids = token_ids(1, 7)
     with torch.no_grad():
         full = model(ids).logits
-        out = model(ids[:, :1], use_cache=True)
-        steps = [out.logits]
-        for t in range(1, 7):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)
+    stepped, _ = decode_stepwise(model, ids)
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-6)
 
 
 def test_10_left_padding_with_causal_softmax_is_finite():
@@ -114,14 +106,9 @@ def test_11_cached_steps_keep_earlier_padding_masked():
     mask = torch.tensor([[1, 0, 1, 1, 1, 1, 1, 1]])  # a masked token inside the context
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        out = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True)
-        steps = [out.logits]
-        for t in range(3, 8):
-            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=out.past_key_values,
-                        use_cache=True)
-            steps.append(out.logits)
+    stepped, _ = decode_stepwise(model, ids, mask, first=3)
     real = mask.bool()
-    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stepped[real], full[real], rtol=1e-5, atol=1e-6)
 
 
 def test_12_float64_model_smooths_in_float64():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_mega import MegaForCausalLM, MegaForMaskedLM, MegaModel
-from tests.helpers import tiny_config, token_ids
+from tests.helpers import decode_stepwise, tiny_config, token_ids
 
 ACTIVATIONS = ["softmax", "laplace", "relu2"]
 
@@ -42,17 +42,6 @@ def test_fully_padded_rows_stay_finite_and_do_not_leak(activation):
     torch.testing.assert_close(out[1:], alone, rtol=1e-5, atol=1e-5)
 
 
-def _stepwise_logits(model, ids, mask, first):
-    """Prefill `first` tokens, then feed one token at a time with the cache."""
-    out = model(ids[:, :first], attention_mask=mask[:, :first], use_cache=True)
-    logits, cache = [out.logits], out.past_key_values
-    for t in range(first, ids.shape[1]):
-        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
-        logits.append(out.logits)
-        cache = out.past_key_values
-    return torch.cat(logits, 1), cache
-
-
 CASES = list(itertools.product(ACTIVATIONS, ["simple", "rotary"], [None, 4]))
 
 
@@ -67,7 +56,7 @@ def test_cached_decoding_equals_full_forward(activation, bias, chunk):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         for first in (1, 6):
-            stepped, cache = _stepwise_logits(model, ids, mask, first)
+            stepped, cache = decode_stepwise(model, ids, mask, first)
             real = mask.bool()
             torch.testing.assert_close(stepped[real], full[real], rtol=1e-4, atol=1e-5)
     if chunk:  # the cache holds the open chunk only: 15 tokens, chunk 4 -> 3 positions
