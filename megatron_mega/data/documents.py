@@ -1,0 +1,117 @@
+"""The documents of one prepared dataset, memory-mapped: a manifest's shards back to back, or one bare Megatron prefix.
+
+Documents are numbered 0..N-1 across the shards in manifest order. `get(doc, offset, length)` is a view into the
+memory map (no copy) when the document is one sequence, which is how data_prep writes them (EOD included); Megatron
+files with several sequences per document are read too (their sequences are concatenated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from megatron_mega.data import indexed_dataset
+from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
+
+
+def is_manifest_path(path: str) -> bool:
+    return path.endswith((".json", "/", os.sep)) or os.path.isdir(path)
+
+
+class DocumentSource:
+    """Documents of `path`: a manifest.json, a folder holding one, or a bare Megatron prefix (`PREFIX.bin/.idx`)."""
+
+    def __init__(self, path: str, verify_checksums: bool = False, identity: Optional[str] = None):
+        self.path = path
+        self.verify_checksums = verify_checksums
+        self.manifest: Optional[Manifest] = None
+        if is_manifest_path(path):
+            self.manifest = Manifest.load(path)
+            self.manifest.verify(checksums=verify_checksums)  # counts and dtype always; sha256 when asked
+            prefixes = [self.manifest.shard_prefix(s) for s in self.manifest.shards]
+            if not prefixes:
+                raise ManifestError(f"{os.path.join(self.manifest.root, MANIFEST_NAME)}: lists no shards")
+        else:
+            if not indexed_dataset.exists(path):
+                raise indexed_dataset.IndexedDatasetError(
+                    f"{path}: neither a manifest (a .json file or a folder holding {MANIFEST_NAME}) nor a Megatron "
+                    f"prefix ({path}.bin and {path}.idx)")
+            prefixes = [path]
+        self.shards = [indexed_dataset.IndexedDataset(p) for p in prefixes]
+        # one sequence per document (data_prep's layout): index the memory-mapped arrays directly, no copies
+        self._single = [s.num_documents == len(s) and bool(np.all(np.diff(s.document_indices) == 1))
+                        for s in self.shards]
+        self._lengths = [s.sequence_lengths if single else _document_lengths(s)
+                         for s, single in zip(self.shards, self._single)]
+        self._starts = np.zeros(len(self.shards) + 1, dtype=np.int64)
+        np.cumsum([s.num_documents for s in self.shards], out=self._starts[1:])
+        self.identity = identity or self._identity()
+
+    # ------------------------------------------------------------------ identity (keys the index cache)
+    def _identity(self) -> str:
+        """A digest of the content, not the location: moving the data keeps its caches valid."""
+        if self.manifest is not None:
+            content = {"dtype": self.manifest.dtype,
+                       "shards": [[s.bin_sha256, s.idx_sha256, s.documents, s.tokens] for s in self.manifest.shards]}
+        else:
+            # no recorded checksums: the .idx (small) is hashed, the .bin only sized
+            content = {"idx_sha256": sha256_file(indexed_dataset.index_path(self.path)),
+                       "bin_bytes": os.path.getsize(indexed_dataset.data_path(self.path))}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+    # ------------------------------------------------------------------ access
+    @property
+    def num_documents(self) -> int:
+        return int(self._starts[-1])
+
+    def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Token counts of documents `start:stop` (int64, a copy)."""
+        stop = self.num_documents if stop is None else stop
+        parts = []
+        for k, lengths in enumerate(self._lengths):
+            lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
+            if lo < hi:
+                parts.append(np.asarray(lengths[lo - self._starts[k]:hi - self._starts[k]], dtype=np.int64))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def get(self, document: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
+        """Tokens `offset : offset + length` of `document` (to its end when `length` is None)."""
+        if not 0 <= document < self.num_documents:
+            raise IndexError(f"{self.path}: document {document} outside [0, {self.num_documents})")
+        k = int(np.searchsorted(self._starts, document, side="right")) - 1  # shards are few: effectively O(1)
+        local = document - int(self._starts[k])
+        shard = self.shards[k]
+        if self._single[k]:
+            return shard.get(local, offset, length)
+        size = int(self._lengths[k][local])
+        length = size - offset if length is None else length
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"{self.path}: tokens {offset}:{offset + length} outside document {document} of {size}")
+        pieces, position = [], 0
+        for sequence in shard.document_sequences(local):
+            n = int(shard.sequence_lengths[sequence])
+            lo, hi = max(offset, position), min(offset + length, position + n)
+            if lo < hi:
+                pieces.append(shard.get(sequence, lo - position, hi - lo))
+            position += n
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=shard.dtype)
+
+    # ------------------------------------------------------------------ pickling (DataLoader workers under spawn)
+    def __getstate__(self) -> dict:
+        # memory maps pickle by value (the whole file); send the path and map it again instead
+        return {"path": self.path, "identity": self.identity}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], verify_checksums=False, identity=state["identity"])
+
+
+def _document_lengths(shard: indexed_dataset.IndexedDataset) -> np.ndarray:
+    """Per-document token counts of a file with several sequences per document."""
+    seq_ends = np.zeros(len(shard) + 1, dtype=np.int64)
+    np.cumsum(shard.sequence_lengths, out=seq_ends[1:])
+    bounds = np.asarray(shard.document_indices, dtype=np.int64)
+    return seq_ends[bounds[1:]] - seq_ends[bounds[:-1]]

@@ -1,0 +1,186 @@
+"""GPT-style samples: documents packed back to back into samples of seq_len + 1 tokens, as Megatron's GPTDataset.
+
+Three indices, built once and cached (see index_cache.py):
+
+    document_index  int[E * D]     the split's document ids, each epoch a fresh permutation of all D of them
+    sample_index    int[n + 1, 2]  (position in document_index, token offset) where sample i starts; the stream
+                                   is the documents of document_index back to back, and sample i covers its
+                                   tokens [i * seq_len, (i + 1) * seq_len] inclusive: seq_len + 1 tokens, one
+                                   shared with the next sample (its first input is this one's last target)
+    shuffle_index   int[n]         the order samples are served in
+
+Where this differs from Megatron, on purpose: Megatron shuffles all full epochs' documents together (and a short
+final epoch separately), and shuffles samples likewise. Here each epoch is shuffled on its own, documents and then
+the samples that start in it, so every document of epoch e is served before any of epoch e + 1, and asking for
+more samples later appends epochs without reordering the earlier ones. E is the fewest epochs giving `num_samples`.
+
+Train/valid/test are disjoint ranges of documents (Megatron's split rounding), so no document is in two splits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from megatron_mega.data import seeding
+from megatron_mega.data.documents import DocumentSource
+from megatron_mega.data.index_cache import IndexCache
+
+INDEX_VERSION = 1  # bump when the index algorithm changes: it is part of every cache key
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot provide the samples asked of it."""
+
+
+def split_document_ranges(num_documents: int, fractions: Sequence[float]) -> list[range]:
+    """Megatron's rule: cumulative rounded shares, the rounding error taken off every boundary but the first."""
+    bounds = [0]
+    for fraction in fractions:
+        bounds.append(bounds[-1] + int(round(fraction * num_documents)))
+    excess = bounds[-1] - num_documents
+    bounds = [bounds[0]] + [min(max(b - excess, 0), num_documents) for b in bounds[1:]]
+    return [range(bounds[i], bounds[i + 1]) for i in range(len(fractions))]
+
+
+def num_epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
+    """Fewest epochs E whose stream (E * T tokens) holds num_samples samples: (E*T - 1) // seq_len >= num_samples."""
+    return max(1, -(-(num_samples * seq_len + 1) // tokens_per_epoch))
+
+
+def _epoch_sample_range(first: int, stop: int, tokens_per_epoch: int, seq_len: int, limit: int) -> tuple[int, int]:
+    """Samples (or sample boundaries) whose first token lies in epochs [first, stop): ids [ceil(first*T/L),
+    ceil(stop*T/L)), clipped to `limit`."""
+    lo = -(-first * tokens_per_epoch // seq_len)
+    hi = -(-stop * tokens_per_epoch // seq_len)
+    return min(lo, limit), min(hi, limit)
+
+
+def _int_dtype(max_value: int) -> np.dtype:
+    return np.dtype(np.int32) if max_value < 2 ** 31 else np.dtype(np.int64)
+
+
+_CHUNK = 1 << 22  # document-index entries cumulated at once when building the sample index
+
+
+def build_gpt_indices(lengths: np.ndarray, first_document: int, seq_len: int, num_samples: int, seed: int,
+                      stream: int) -> dict[str, np.ndarray]:
+    """The three indices for documents `first_document + arange(len(lengths))` of token counts `lengths`.
+
+    Each random stream is drawn epoch after epoch, so the indices of an epoch never depend on how many follow it.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    num_documents, tokens_per_epoch = len(lengths), int(lengths.sum())
+    epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
+    stop = first_document + num_documents
+    parts = (seed, stream, first_document, stop)
+
+    document_index = np.empty(epochs * num_documents, dtype=_int_dtype(stop))
+    documents = np.arange(first_document, stop, dtype=document_index.dtype)
+    rng = seeding.random_state(seeding.DOCUMENT_SHUFFLE, *parts)
+    for epoch in range(epochs):
+        document_index[epoch * num_documents:(epoch + 1) * num_documents] = rng.permutation(documents)
+
+    count = (epochs * tokens_per_epoch - 1) // seq_len  # samples; the last needs the token after its last target
+    sample_index = np.empty((count + 1, 2), dtype=_int_dtype(max(epochs * num_documents, int(lengths.max()))))
+    per_chunk = max(1, _CHUNK // num_documents)  # whole epochs, several at once when the split is small
+    for e0 in range(0, epochs, per_chunk):
+        e1 = min(epochs, e0 + per_chunk)
+        lo, hi = _epoch_sample_range(e0, e1, tokens_per_epoch, seq_len, count + 1)
+        if lo >= hi:
+            continue
+        chunk_lengths = lengths[document_index[e0 * num_documents:e1 * num_documents] - first_document]
+        ends = np.cumsum(chunk_lengths)
+        within = np.arange(lo, hi, dtype=np.int64) * seq_len - e0 * tokens_per_epoch
+        position = np.searchsorted(ends, within, side="right")  # skips empty documents
+        sample_index[lo:hi, 0] = e0 * num_documents + position
+        sample_index[lo:hi, 1] = within - (ends[position] - chunk_lengths[position])
+
+    shuffle_index = np.arange(count, dtype=_int_dtype(count))
+    rng = seeding.random_state(seeding.SAMPLE_SHUFFLE, *parts)
+    bounds = -(-np.arange(epochs + 1, dtype=np.int64) * tokens_per_epoch // seq_len)  # first sample of each epoch
+    for epoch in np.flatnonzero(np.diff(np.minimum(bounds, count)) > 1):  # blocks of one sample stay in place
+        lo, hi = int(bounds[epoch]), min(int(bounds[epoch + 1]), count)
+        shuffle_index[lo:hi] = lo + rng.permutation(hi - lo)
+    return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
+
+
+def gpt_index_description(source: DocumentSource, documents: range, seq_len: int, num_samples: int,
+                          seed: int) -> dict:
+    """Everything the indices depend on (hashed into the cache name); never the data-parallel layout."""
+    return {"version": INDEX_VERSION, "source": source.identity, "documents": [documents.start, documents.stop],
+            "seq_len": seq_len, "seed": seed, "num_samples": num_samples}
+
+
+class GPTDataset:
+    """Samples of documents `documents` of `source`: `dataset[i]` is {"tokens": int64[seq_len + 1]}.
+
+    len(dataset) >= num_samples (every sample the E epochs hold). Indices come from `cache`, built there once.
+    """
+
+    def __init__(self, source: DocumentSource, documents: range, seq_len: int, num_samples: int, seed: int,
+                 cache: IndexCache, split: str = "train"):
+        self.source, self.documents, self.seq_len, self.split = source, documents, seq_len, split
+        if num_samples <= 0:
+            raise DatasetError(f"{source.path} ({split}): asked for {num_samples} samples")
+        if len(documents) == 0:
+            raise DatasetError(
+                f"{source.path} ({split}): the split gives this dataset no documents (it has "
+                f"{source.num_documents}); change `split` or give the split more data")
+        lengths = source.document_lengths(documents.start, documents.stop)
+        if int(lengths.sum()) == 0:
+            raise DatasetError(f"{source.path} ({split}): documents {documents.start}..{documents.stop - 1} are empty")
+        description = gpt_index_description(source, documents, seq_len, num_samples, seed)
+        stream = int(source.identity[:15], 16)  # decorrelates datasets of equal size under one seed
+        self.indices = cache.load_or_build(
+            "gpt", description,
+            lambda: build_gpt_indices(lengths, documents.start, seq_len, num_samples, seed, stream))
+        self._bind()
+
+    def _bind(self) -> None:
+        self.document_index = self.indices.arrays["document_index"]
+        self.sample_index = self.indices.arrays["sample_index"]
+        self.shuffle_index = self.indices.arrays["shuffle_index"]
+
+    @property
+    def num_epochs(self) -> int:
+        return len(self.document_index) // len(self.documents)
+
+    @property
+    def built(self) -> bool:
+        """Whether this process built the indices (False: loaded them from the cache)."""
+        return self.indices.built
+
+    def __len__(self) -> int:
+        return len(self.shuffle_index)
+
+    def stream_sample(self, position: int) -> np.ndarray:
+        """Sample `position` of the unshuffled stream: its tokens [position*seq_len, (position+1)*seq_len]."""
+        (d0, o0), (d1, o1) = self.sample_index[position], self.sample_index[position + 1]
+        d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)
+        get, doc = self.source.get, self.document_index
+        if d0 == d1:
+            pieces = [get(int(doc[d0]), o0, o1 - o0 + 1)]
+        else:
+            pieces = [get(int(doc[d0]), o0)] + [get(int(doc[d])) for d in range(d0 + 1, d1)] \
+                + [get(int(doc[d1]), 0, o1 + 1)]
+        tokens = np.concatenate(pieces).astype(np.int64)
+        assert len(tokens) == self.seq_len + 1, (position, len(tokens))
+        return tokens
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} outside [0, {len(self)})")
+        return {"tokens": self.stream_sample(int(self.shuffle_index[index]))}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for name in ("document_index", "sample_index", "shuffle_index"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind()
+
