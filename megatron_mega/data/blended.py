@@ -1,0 +1,112 @@
+"""Blending datasets by weight, with the proportions exact at every prefix of the sample stream.
+
+Megatron's BlendedDataset picks, at each step n, the dataset whose count is furthest below weight * n. That keeps
+counts close but not within one sample: with three or more datasets a prefix can be off by up to ~1.9 samples.
+Here the same deficit idea is made exact with Tijdeman's rule for the chairman assignment problem (1980): at step t
+(1-based) a dataset is eligible once its deficit weight*t - count reaches 1/(2(k-1)), and among the eligible the
+one whose next sample is due first (smallest (count + 1 - 1/(2(k-1))) / weight) is taken. Then, for every prefix
+of n samples and every dataset, |count - weight * n| <= 1 - 1/(2(k-1)) < 1 (k = datasets with weight > 0).
+
+The blend order is deterministic (no seed): each component is shuffled by the seed inside itself.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_mega.data.index_cache import CachedIndices, IndexCache
+
+BLEND_VERSION = 1
+
+
+def normalize_weights(weights: Sequence[float]) -> list[float]:
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    return [float(w) / total for w in weights]
+
+
+def build_blending_indices(weights: Sequence[float], size: int) -> dict[str, np.ndarray]:
+    """dataset_index[n]: which dataset serves blended sample n; dataset_sample_index[n]: its sample number there
+    (0, 1, 2, ... per dataset, in order)."""
+    weights = normalize_weights(weights)
+    active = [i for i, w in enumerate(weights) if w > 0]
+    k = len(active)
+    lead = 1.0 - 1.0 / (2 * (k - 1)) if k > 1 else 0.0  # Tijdeman's bound D; eligible at deficit >= 1 - D
+    threshold = 1.0 - lead
+    inverse = {i: 1.0 / weights[i] for i in active}
+    counts = [0] * len(weights)
+    chosen = array("h" if len(weights) < 2 ** 15 else "i")
+    for t in range(1, size + 1):
+        best, due = -1, 0.0
+        slack = 1e-12 * t  # float round-off of weight * t
+        for i in active:
+            c = counts[i]
+            if weights[i] * t - c >= threshold - slack:
+                d = (c + lead) * inverse[i]
+                if best < 0 or d < due:
+                    best, due = i, d
+        if best < 0:  # cannot happen in exact arithmetic (Tijdeman's theorem); round-off guard
+            best = max(active, key=lambda i: weights[i] * t - counts[i])
+        chosen.append(best)
+        counts[best] += 1
+    dataset_index = np.frombuffer(chosen, dtype=np.int16 if chosen.typecode == "h" else np.int32).copy()
+    dataset_sample_index = np.empty(size, dtype=np.int64)
+    for i in active:
+        where = dataset_index == i
+        dataset_sample_index[where] = np.arange(int(where.sum()), dtype=np.int64)
+    return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
+
+
+def load_blending_indices(cache: IndexCache, weights: Sequence[float], size: int) -> CachedIndices:
+    """The blend for `weights` and `size`, from the cache (it depends on nothing else)."""
+    description = {"version": BLEND_VERSION, "weights": normalize_weights(weights), "size": int(size)}
+    return cache.load_or_build("blend", description, lambda: build_blending_indices(weights, size))
+
+
+def samples_per_dataset(indices: CachedIndices, num_datasets: int) -> list[int]:
+    return np.bincount(indices.arrays["dataset_index"], minlength=num_datasets).tolist()
+
+
+class BlendedDataset:
+    """Blended sample n is `datasets[dataset_index[n]][dataset_sample_index[n]]`; len = the size asked for."""
+
+    def __init__(self, datasets: Sequence[Optional[object]], indices: CachedIndices):
+        self.datasets = list(datasets)
+        self.indices = indices
+        needed = samples_per_dataset(indices, len(self.datasets))
+        for i, (dataset, count) in enumerate(zip(self.datasets, needed)):
+            if count and (dataset is None or len(dataset) < count):  # type: ignore[arg-type]
+                raise ValueError(f"blend component {i} holds {0 if dataset is None else len(dataset)} samples, "
+                                 f"the blend needs {count}")
+        self._bind()
+
+    def _bind(self) -> None:
+        self.dataset_index = self.indices.arrays["dataset_index"]
+        self.dataset_sample_index = self.indices.arrays["dataset_sample_index"]
+
+    @property
+    def built(self) -> bool:
+        return self.indices.built
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, index: int):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} outside [0, {len(self)})")
+        dataset = self.datasets[int(self.dataset_index[index])]
+        return dataset[int(self.dataset_sample_index[index])]  # type: ignore[index]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("dataset_index")
+        state.pop("dataset_sample_index")
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind()

@@ -1,0 +1,65 @@
+"""Blending by weight: every prefix of the blend holds each dataset within one sample of weight * n."""
+
+import numpy as np
+import pytest
+
+from megatron_mega.data.blended import build_blending_indices
+from megatron_mega.data.builder import build_datasets
+from megatron_mega.data.config import DataConfig
+from tests.data.fixtures import EOS, TOKENIZER_SHA, labelled_documents, make_manifest
+
+
+def prefix_deviation(dataset_index, weights):
+    weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    counts = np.cumsum(np.eye(len(weights))[dataset_index], axis=0)
+    return np.abs(counts - weights * np.arange(1, len(dataset_index) + 1)[:, None]).max()
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [1, 1, 1], [5, 3, 2], [0.5, 0.25, 0.125, 0.0625, 0.0625],
+                                     [1e-3, 1, 0.2, 0.05, 0.3, 0.9, 0.01], [2, 0, 1]])
+def test_every_prefix_is_within_one_sample(weights):
+    indices = build_blending_indices(weights, 4000)
+    k = sum(w > 0 for w in weights)
+    bound = 1 - 1 / (2 * (k - 1))  # Tijdeman's bound, below 1
+    assert prefix_deviation(indices["dataset_index"], weights) <= bound + 1e-9
+    for i, w in enumerate(weights):  # each dataset's own samples are taken in order 0, 1, 2, ...
+        taken = indices["dataset_sample_index"][indices["dataset_index"] == i]
+        assert np.array_equal(taken, np.arange(len(taken)))
+        if w == 0:
+            assert len(taken) == 0
+
+
+def test_random_weights_stay_within_one_sample():
+    rng = np.random.RandomState(0)
+    for _ in range(30):
+        weights = rng.random_sample(rng.randint(2, 9)) ** 3
+        assert prefix_deviation(build_blending_indices(weights, 1500)["dataset_index"], weights) < 1
+
+
+def test_blend_is_a_prefix_of_a_longer_blend():
+    short, long = build_blending_indices([3, 2, 2], 500), build_blending_indices([3, 2, 2], 2000)
+    assert np.array_equal(long["dataset_index"][:500], short["dataset_index"])
+
+
+def test_blended_dataset_serves_components_in_proportion(tmp_path):
+    roots = [make_manifest(tmp_path / f"ds{i}", labelled_documents(40, start=1000 * i, seed=i)) for i in range(3)]
+    config = DataConfig(paths=roots, weights=[0.5, 0.3, 0.2], seq_len=8, split="1", seed=4,
+                        cache_dir=str(tmp_path / "cache"))
+    train = build_datasets(config, {"train": 200}, tokenizer_sha256=TOKENIZER_SHA).train
+    assert len(train) == 200
+    for n in range(200):
+        component = train.datasets[int(train.dataset_index[n])]
+        assert np.array_equal(train[n]["tokens"], component[int(train.dataset_sample_index[n])]["tokens"])
+        text = train[n]["tokens"][train[n]["tokens"] != EOS]
+        assert set(((text - 100) // 1000).tolist()) == {int(train.dataset_index[n])}  # from that dataset only
+    assert np.bincount(train.dataset_index).tolist() == [100, 60, 40]
+
+
+def test_default_weights_follow_token_counts(tmp_path):
+    roots = [make_manifest(tmp_path / "a", labelled_documents(30, seed=0)),
+             make_manifest(tmp_path / "b", labelled_documents(90, seed=1))]
+    config = DataConfig(paths=roots, seq_len=8, split="1", cache_dir=str(tmp_path / "cache"))
+    train = build_datasets(config, {"train": 1000}, tokenizer_sha256=TOKENIZER_SHA).train
+    tokens = [t.source.document_lengths().sum() for t in train.datasets]
+    share = np.bincount(train.dataset_index) / 1000
+    assert share == pytest.approx(np.asarray(tokens) / sum(tokens), abs=1e-3)
