@@ -11,6 +11,7 @@ from torch import nn
 
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.generation import MegaGenerationMixin
+from megatron_mega.model.lm_loss import labelled_rows, linear_cross_entropy
 from megatron_mega.model.mega_model import MegaModel
 from megatron_mega.model.outputs import (
     CausalLMOutputWithCrossAttentions,
@@ -64,10 +65,33 @@ class _LMHeadModel(MegaPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         setattr(self, self._head_name, new_embeddings)
 
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.hidden_activation(self.dense(hidden)) if self.dense is not None else hidden
+
     def lm_logits(self, sequence_output: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            sequence_output = self.hidden_activation(self.dense(sequence_output))
-        return self.get_output_embeddings()(sequence_output)
+        return self.get_output_embeddings()(self.transform(sequence_output))
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the positions with a label, without materialising (tokens x vocab) logits."""
+        hidden, targets = labelled_rows(hidden, labels, IGNORE_INDEX)
+        head = self.get_output_embeddings()
+        return linear_cross_entropy(self.transform(hidden), head.weight, head.bias, targets)
+
+    def logits_later(self, output, hidden: torch.Tensor) -> None:
+        """With labels the loss does not need the logits: compute them only if `output.logits` is read. Reading
+        them after the head's weights changed (an optimizer step) would give other numbers, so it is refused."""
+        params = [p for p in (*self.get_output_embeddings().parameters(),
+                              *(self.dense.parameters() if self.dense is not None else ())) if p is not None]
+        versions = [p._version for p in params]
+
+        def compute() -> torch.Tensor:
+            if [p._version for p in params] != versions:
+                raise RuntimeError("logits of a forward with labels are computed when first read, and the LM head's "
+                                   "weights changed since that forward (an optimizer step?): read out.logits "
+                                   "before updating the weights")
+            return self.lm_logits(hidden)
+
+        output.set_lazy("logits", compute)
 
 
 class MegaForCausalLM(_LMHeadModel, MegaGenerationMixin):
@@ -105,16 +129,18 @@ class MegaForCausalLM(_LMHeadModel, MegaGenerationMixin):
                             encoder_attention_mask=encoder_attention_mask, past_key_values=past_key_values,
                             use_cache=use_cache, output_attentions=output_attentions,
                             output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.lm_logits(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
+        hidden = outputs.last_hidden_state
+        result = CausalLMOutputWithCrossAttentions(past_key_values=outputs.past_key_values,
+                                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        if labels is None:
+            result.logits = self.lm_logits(hidden)
+        else:
             # position t predicts token t+1; -100 marks positions without a target
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+            result.loss = self.lm_loss(hidden[:, :-1], labels[:, 1:])
+            self.logits_later(result, hidden)
         if not return_dict:
-            return _as_tuple(loss, (logits, outputs.past_key_values), outputs)
-        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            return _as_tuple(result.loss, (result.logits, outputs.past_key_values), outputs)
+        return result
 
 
 class MegaForMaskedLM(_LMHeadModel):
@@ -147,15 +173,16 @@ class MegaForMaskedLM(_LMHeadModel):
             raise ValueError("MEGA cross-attention is not supported: encoder_hidden_states must be None")
         outputs = _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions,
                           output_hidden_states)
-        logits = self.lm_logits(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                   labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX)
+        hidden = outputs.last_hidden_state
+        result = MaskedLMOutput(hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        if labels is None:
+            result.logits = self.lm_logits(hidden)
+        else:
+            result.loss = self.lm_loss(hidden, labels)
+            self.logits_later(result, hidden)
         if not return_dict:
-            return _as_tuple(loss, (logits,), outputs)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                              attentions=outputs.attentions)
+            return _as_tuple(result.loss, (result.logits,), outputs)
+        return result
 
 
 def _classifier_dropout(config: MegaConfig) -> float:

@@ -6,13 +6,25 @@ Like transformers' ModelOutput, fields that are None are skipped by integer inde
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 
 @dataclass
 class ModelOutput:
+    def set_lazy(self, name: str, compute: Callable[[], Any]) -> None:
+        """Make field `name` computed by `compute()` on first access (then stored)."""
+        self.__dict__.setdefault("_lazy", {})[name] = compute
+
+    def __getattribute__(self, name: str) -> Any:
+        lazy = object.__getattribute__(self, "__dict__").get("_lazy")
+        if lazy and name in lazy:
+            value = lazy.pop(name)()
+            object.__setattr__(self, name, value)
+            return value
+        return object.__getattribute__(self, name)
+
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
