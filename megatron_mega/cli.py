@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", default="configs/model/tiny.yaml")
     info.add_argument("overrides", nargs="*")
     info.set_defaults(func=_cmd_model_info)
+
+    from data_prep.commands import add_prepare_command
+
+    add_prepare_command(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ import pytest
 from data_prep.errors import PrepareError
 from data_prep.train_tokenizer import TrainSettings, sample_documents, sentences, train
 from data_prep.sources import FileSource
+from megatron_mega.cli import main
 from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
 
 from .conftest import write_jsonl
@@ -88,3 +89,17 @@ def test_bad_training_settings(corpus_docs):
         train(corpus_docs, TrainSettings(vocab_size=200))
     with pytest.raises(PrepareError, match="SentencePiece training failed.*[Vv]ocabulary size"):
         train(corpus_docs[:2], TrainSettings(vocab_size=30000, threads=2))
+
+
+def test_cli_trains_and_refuses_to_replace_a_different_tokenizer(tmp_path, corpus_docs, capsys):
+    path = write_jsonl(tmp_path / "c.jsonl", corpus_docs[:40])
+    args = ["prepare", "tokenizer", str(path), "--output", str(tmp_path / "tok"), "--vocab-size", "500",
+            "--threads", "2", "--model-type", "bpe", "--sample-docs", "30"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "decode(encode(doc)) == doc for 30/30" in out and "'mask_id': 4" in out
+    assert main(args) == 0  # same inputs and settings: the same tokenizer, accepted
+    capsys.readouterr()
+    assert main(args[:-1] + ["31"]) == 2
+    assert "a different tokenizer is already there" in capsys.readouterr().err
+    assert main(args[:-1] + ["31", "--overwrite"]) == 0

@@ -1,0 +1,156 @@
+"""Merge the part folders of a split run (`prepare tokenize --num-jobs K --job-index i`) into one dataset.
+
+Jobs take contiguous blocks of the inputs in document order (files, or rows of a dataset), so the parts, read in job
+order, hold the documents of a single-process run in the same order. The merge writes OUTPUT/manifest.json:
+
+- default: the manifest lists the parts' shards where they are (`part-00000-of-00004/shard-00000`, ...); nothing is
+  copied. Same documents, same tokens, same order as a single run; only the shard boundaries differ (each part starts
+  a new shard).
+- `--reshard`: the documents are rewritten into OUTPUT/shard-NNNNN cut by the same --shard-tokens rule as a single run,
+  so shards and manifest.json are byte-identical to a single-process run (the parts can then be deleted).
+
+Either way the merged manifest is verified (counts, sizes and sha256 of every shard) before the command succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_prep.errors import PrepareError
+from data_prep.records import Problems
+from data_prep.tokenize import STATE_DIR, read_json
+from megatron_mega.atomic_io import atomic_write_text
+from megatron_mega.data import indexed_dataset
+from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, sha256_file
+from megatron_mega.data.tokenizer import Tokenizer
+
+PART = re.compile(r"^part-(\d{5,})-of-(\d{5,})$")
+PER_JOB = ("job_index", "part")  # settings that legitimately differ between parts
+
+
+@dataclass
+class MergeSummary:
+    output: str
+    parts: int
+    documents: int
+    tokens: int
+    shards: int
+    problems: Problems
+    resharded: bool
+
+    def lines(self) -> list[str]:
+        how = "rewritten into single-run shards" if self.resharded else "shards left in the part folders"
+        out = [f"{self.output}: merged {self.parts} part(s): {self.documents:,} documents, {self.tokens:,} tokens, "
+               f"{self.shards} shard(s) ({how}); manifest verified"]
+        if self.problems:
+            out.append(f"  skipped {self.problems.total:,} record(s):")
+            out.extend(self.problems.report())
+        return out
+
+
+def find_parts(output: str) -> list[str]:
+    """The part folders of `output`, in job order; all K of them must be there and finished."""
+    if not os.path.isdir(output):
+        raise PrepareError(f"{output}: no such folder")
+    found: dict[int, str] = {}
+    totals = set()
+    for name in sorted(os.listdir(output)):
+        match = PART.match(name)
+        if match and os.path.isdir(os.path.join(output, name)):
+            found[int(match.group(1))] = os.path.join(output, name)
+            totals.add(int(match.group(2)))
+    if not found:
+        raise PrepareError(f"{output}: no part-NNNNN-of-KKKKK folders (run `prepare tokenize --num-jobs K` first)")
+    if len(totals) != 1:
+        raise PrepareError(f"{output}: parts of different splits ({sorted(totals)} jobs); keep one split only")
+    total = totals.pop()
+    missing = [i for i in range(total) if i not in found]
+    if missing:
+        raise PrepareError(f"{output}: part(s) {missing} of {total} are missing; run those jobs (--job-index)")
+    unfinished = [i for i in range(total) if not os.path.exists(os.path.join(found[i], MANIFEST_NAME))]
+    if unfinished:
+        raise PrepareError(f"{output}: part(s) {unfinished} of {total} are not finished (no manifest.json); "
+                           f"rerun those jobs: they resume where they stopped")
+    return [found[i] for i in range(total)]
+
+
+def merge_parts(output: str, reshard: bool = False, checksums: bool = True) -> MergeSummary:
+    parts = find_parts(output)
+    settings = [read_json(os.path.join(p, STATE_DIR, "settings.json")) for p in parts]
+    common = {k: v for k, v in settings[0].items() if k not in PER_JOB}
+    for path, part in zip(parts, settings):
+        other = {k: v for k, v in part.items() if k not in PER_JOB}
+        if other != common:
+            changed = sorted(k for k in set(other) | set(common) if other.get(k) != common.get(k))
+            raise PrepareError(f"{path}: made with other settings than {parts[0]} ({', '.join(changed)} differ)")
+    manifests = [Manifest.load(p) for p in parts]
+    summaries = [read_json(os.path.join(p, STATE_DIR, "summary.json")) for p in parts]
+    problems = Problems.combined(Problems.from_dict(s["problems"]) for s in summaries)
+    sources: list[str] = []
+    for manifest in manifests:
+        sources.extend(s for s in manifest.sources if s not in sources)
+    tokenizer = Tokenizer.load(parts[0])
+    if tokenizer.sha256 != manifests[0].tokenizer.sha256:
+        raise PrepareError(f"{parts[0]}: tokenizer.model does not match its manifest")
+    tokenizer.save(output)
+    if reshard:
+        shards, oversized = _reshard(manifests, output, common["shard_tokens"])
+    else:
+        shards = [ShardEntry(os.path.join(os.path.basename(p), s.prefix), s.documents, s.tokens, s.bin_sha256,
+                             s.idx_sha256) for p, m in zip(parts, manifests) for s in m.shards]
+        oversized = sum(s["oversized"] for s in summaries)
+    merged = Manifest(tokenizer=manifests[0].tokenizer, dtype=manifests[0].dtype, shards=shards,
+                      skipped=dict(problems.counts), sources=sources, root=output)
+    atomic_write_text(os.path.join(output, STATE_DIR, "summary.json"), json.dumps(
+        {"documents": merged.documents, "tokens": merged.tokens, "shards": len(shards), "oversized": oversized,
+         "problems": problems.to_dict(), "parts": len(parts), "resharded": reshard}, indent=1) + "\n")
+    merged.save(output)
+    try:
+        Manifest.load(output).verify(checksums=checksums)
+    except ManifestError as err:
+        os.remove(os.path.join(output, MANIFEST_NAME))
+        raise PrepareError(f"{output}: the merged dataset failed verification: {err}") from None
+    return MergeSummary(output, len(parts), merged.documents, merged.tokens, len(shards), problems, reshard)
+
+
+def _reshard(manifests: list[Manifest], output: str, shard_tokens: int) -> tuple[list[ShardEntry], int]:
+    """Rewrite every document, in order, into shards cut exactly as `prepare tokenize` cuts them."""
+    dtype = np.dtype(manifests[0].dtype)
+    os.makedirs(os.path.join(output, STATE_DIR), exist_ok=True)
+    shards: list[ShardEntry] = []
+    writer, digest, oversized = None, hashlib.sha256(), 0
+
+    def close() -> None:
+        writer.finalize()
+        shards.append(ShardEntry(os.path.basename(writer.prefix), writer.num_documents, writer.num_tokens,
+                                 digest.hexdigest(), sha256_file(f"{writer.prefix}.idx")))
+
+    try:
+        for manifest in manifests:
+            for shard in manifest.shards:
+                dataset = indexed_dataset.IndexedDataset(manifest.shard_prefix(shard))
+                for document in range(dataset.num_documents):
+                    tokens = np.concatenate([dataset[i] for i in dataset.document_sequences(document)])
+                    if writer is not None and writer.num_tokens + len(tokens) > shard_tokens:
+                        close()
+                        writer = None
+                    if writer is None:
+                        writer = indexed_dataset.IndexedDatasetWriter(
+                            os.path.join(output, f"shard-{len(shards):05d}"), dtype)
+                        digest = hashlib.sha256()
+                    oversized += len(tokens) > shard_tokens
+                    writer.add_document(tokens)
+                    digest.update(memoryview(np.ascontiguousarray(tokens, dtype=dtype)))
+        if writer is not None:
+            close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return shards, oversized

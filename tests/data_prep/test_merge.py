@@ -1,0 +1,98 @@
+"""Split runs (--num-jobs K --job-index i) merged equal a single-process run.
+
+"Equal" means, precisely:
+- the same documents in the same order: reading every document of every shard, in manifest order, gives the same
+  sequence of token arrays (EOD included), compared with np.array_equal one by one;
+- the same manifest totals (documents, tokens), tokenizer, dtype, skipped counts and sources;
+- with `merge --reshard`, more: manifest.json and every shard file byte-identical to the single run's.
+Without --reshard only the shard boundaries differ (each part starts a new shard), so checksums differ too.
+"""
+
+import json
+
+import pytest
+
+from data_prep.errors import PrepareError
+from data_prep.merge import merge_parts
+from data_prep.sources import split_files
+from megatron_mega.cli import main
+from megatron_mega.data.manifest import Manifest
+
+from .conftest import documents, tokenize, write_jsonl
+from .test_tokenize import _same
+
+
+def assert_same_dataset(merged, single):
+    a, b = Manifest.load(str(merged)), Manifest.load(str(single))
+    assert _same(documents(merged), documents(single))
+    assert (a.documents, a.tokens, a.tokenizer, a.dtype, a.skipped, a.sources) == \
+           (b.documents, b.tokens, b.tokenizer, b.dtype, b.skipped, b.sources)
+
+
+@pytest.mark.parametrize("jobs", [3, 1, 8])
+def test_split_files_is_a_contiguous_balanced_cover(jobs):
+    sizes = [100, 5, 5, 300, 0, -1, 50, 50, 50, 1000]
+    parts = [split_files([str(i) for i in range(len(sizes))], sizes, jobs, j) for j in range(jobs)]
+    assert sum(parts, []) == list(range(len(sizes)))  # disjoint, complete, in order
+    assert all(p == list(range(p[0], p[-1] + 1)) for p in parts if p)
+
+
+def test_job_split_and_merge_equal_a_single_run(tmp_path, tokenizer_dir, corpus_docs, capsys):
+    # files of very different sizes, bad records in some, an empty file
+    chunks = [corpus_docs[:5], corpus_docs[5:30], corpus_docs[30:33], corpus_docs[33:70], corpus_docs[70:]]
+    for i, chunk in enumerate(chunks):
+        write_jsonl(tmp_path / "in" / f"{i}.jsonl", chunk)
+    with open(tmp_path / "in" / "1.jsonl", "a") as fh:
+        fh.write("{bad\n" + json.dumps({"text": ""}) + "\n")
+    (tmp_path / "in" / "2b.jsonl").write_text("")
+    single = tokenize(tmp_path / "single", tokenizer_dir, [tmp_path / "in"], shard_tokens=9000)
+    out = tmp_path / "split"
+    for job in range(3):
+        argv = ["prepare", "tokenize", str(tmp_path / "in"), "--output", str(out), "--tokenizer", tokenizer_dir,
+                "--shard-tokens", "9000", "--num-jobs", "3", "--job-index", str(job), "--workers", "1"]
+        assert main(argv) == 0
+        if job == 1:  # before the last part exists, merging is refused with the missing index
+            assert main(["prepare", "merge", str(out)]) == 2
+            assert "part(s) [2] of 3 are missing" in capsys.readouterr().err
+    parts = [Manifest.load(str(out / f"part-{j:05d}-of-00003")) for j in range(3)]
+    assert all(p.documents for p in parts)  # every job did some of the work
+    assert main(["prepare", "merge", str(out)]) == 0
+    assert "merged 3 part(s)" in capsys.readouterr().out
+    assert_same_dataset(out, tmp_path / "single")
+    Manifest.load(str(out)).verify()
+    assert Manifest.load(str(out)).shards[0].prefix == "part-00000-of-00003/shard-00000"
+
+    summary = merge_parts(str(out), reshard=True)
+    assert summary.problems.counts == single.problems.counts
+    assert summary.problems.examples == single.problems.examples
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "single" / "manifest.json").read_bytes()
+    for shard in Manifest.load(str(out)).shards:
+        for ext in (".bin", ".idx"):
+            assert (out / f"{shard.prefix}{ext}").read_bytes() == (tmp_path / "single" / f"{shard.prefix}{ext}"
+                                                                   ).read_bytes()
+
+
+def test_dataset_rows_split_and_merge(tmp_path, tokenizer_dir, corpus_docs):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": corpus_docs[:30] + [""]}).save_to_disk(str(tmp_path / "ds"))
+    tokenize(tmp_path / "single", tokenizer_dir, hf_dataset=str(tmp_path / "ds"), shard_tokens=8000)
+    for job in range(2):
+        tokenize(tmp_path / "split", tokenizer_dir, hf_dataset=str(tmp_path / "ds"), shard_tokens=8000,
+                 num_jobs=2, job_index=job)
+    merge_parts(str(tmp_path / "split"))
+    assert_same_dataset(tmp_path / "split", tmp_path / "single")
+
+
+def test_merge_refuses_mixed_settings_and_unfinished_parts(tmp_path, tokenizer_dir, corpus_docs):
+    write_jsonl(tmp_path / "in" / "a.jsonl", corpus_docs[:10])
+    write_jsonl(tmp_path / "in" / "b.jsonl", corpus_docs[10:20])
+    tokenize(tmp_path / "out", tokenizer_dir, [tmp_path / "in"], num_jobs=2, job_index=0, shard_tokens=5000)
+    tokenize(tmp_path / "out", tokenizer_dir, [tmp_path / "in"], num_jobs=2, job_index=1, shard_tokens=6000)
+    with pytest.raises(PrepareError, match="other settings.*shard_tokens"):
+        merge_parts(str(tmp_path / "out"))
+    (tmp_path / "out" / "part-00001-of-00002" / "manifest.json").unlink()
+    with pytest.raises(PrepareError, match=r"part\(s\) \[1\] of 2 are not finished"):
+        merge_parts(str(tmp_path / "out"))
+    with pytest.raises(PrepareError, match="no part-NNNNN-of-KKKKK folders"):
+        merge_parts(str(tmp_path / "in"))
