@@ -129,8 +129,10 @@ def test_globs_folders_and_order(tmp_path, tokenizer_dir):
         tokenize(tmp_path / "out2", tokenizer_dir, [tmp_path / "in" / "b" / "notes.md"])
 
 
-def test_datasets_inputs(tmp_path, tokenizer_dir, corpus_docs):
+def test_datasets_inputs(tmp_path, tokenizer_dir, corpus_docs, monkeypatch):
     import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # load_dataset's cache
 
     docs = corpus_docs[:10]
     write_jsonl(tmp_path / "c.jsonl", docs)
