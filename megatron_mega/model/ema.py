@@ -52,12 +52,19 @@ class MegaMultiDimensionDampedEma(nn.Module):
         return p * self.ema_expansion_matrix.to(dtype).squeeze(-1), q, self.kernel_projection_matrix.to(dtype) * self.scale
 
     def kernel(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """The convolution kernel k[d, l] for l < length, shape (kernel_dim, length)."""
+        """The convolution kernel k[d, l] for l < length, shape (kernel_dim, length).
+
+        k[d, l] = sum_n c[d, n] q[d, n]^l is a (length x N) Vandermonde product per channel. Writing l = i*B + j with
+        B ~ sqrt(length), q^l = q^(iB) q^j turns it into one batched matrix multiply of (length/B x N) by (N x B):
+        no (kernel_dim, N, length) tensor is built, in the forward or the backward pass."""
         weight, q, out = self.coefficients(dtype)
-        steps = torch.arange(length, device=q.device, dtype=dtype)
-        # q^l as exp(l log q): q is in (0, 1), so the log is finite and the powers cannot overflow
-        powers = torch.exp(steps.view(1, 1, length) * torch.log(q).unsqueeze(-1))
-        return torch.einsum("dn,dnl->dl", weight * out, powers)
+        block = max(1, math.isqrt(length - 1) + 1) if length > 1 else 1
+        rows = -(-length // block)
+        log_q = torch.log(q).unsqueeze(-1)  # q is in (0, 1): finite log, powers cannot overflow
+        fine = torch.exp(torch.arange(block, device=q.device, dtype=dtype) * log_q)  # q^j, (D, N, B)
+        coarse = torch.exp(torch.arange(rows, device=q.device, dtype=dtype) * block * log_q)  # q^(iB), (D, N, R)
+        kernel = torch.bmm(coarse.transpose(1, 2), (weight * out).unsqueeze(-1) * fine)  # (D, R, B)
+        return kernel.reshape(kernel.shape[0], rows * block)[:, :length]
 
     # ------------------------------------------------------------------ forward
     def forward(

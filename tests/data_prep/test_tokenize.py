@@ -170,5 +170,16 @@ def test_rerun_is_a_no_op_and_other_tokenizers_or_settings_are_refused(tmp_path,
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_a_folder_being_written_is_locked(tmp_path, tokenizer_dir, corpus_docs):
+    from filelock import FileLock
+
+    write_jsonl(tmp_path / "c.jsonl", corpus_docs[:3])
+    (tmp_path / "out" / ".prepare").mkdir(parents=True)
+    with FileLock(str(tmp_path / "out" / ".prepare" / "lock")):  # e.g. a duplicated SLURM task
+        with pytest.raises(PrepareError, match="another process is writing this folder"):
+            tokenize(tmp_path / "out", tokenizer_dir, [tmp_path / "c.jsonl"])
+    assert tokenize(tmp_path / "out", tokenizer_dir, [tmp_path / "c.jsonl"]).documents == 3
+
+
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
