@@ -1,0 +1,1 @@
+"""Pretraining with DeepSpeed: typed config, generated DeepSpeed JSON, the loop, checkpoints, metrics."""

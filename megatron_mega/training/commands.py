@@ -1,0 +1,92 @@
+"""`megatron-mega train`: pretrain MEGA with DeepSpeed from a YAML config with dotted overrides.
+
+    megatron-mega train --config configs/train/tiny.yaml optim.lr=1e-3 --dry-run     # validate and print, no run
+    torchrun --standalone --nproc_per_node=2 -m megatron_mega.training.commands --config configs/train/demo.yaml
+
+Thin: parse, load the config, hand it to the trainer. Config errors become one `error:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+import yaml
+
+
+def add_commands(subparsers) -> None:
+    train = subparsers.add_parser("train", help="pretrain MEGA with DeepSpeed (ZeRO data parallel, pipeline)",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="training YAML (see configs/train/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate, print the resolved config, the DeepSpeed JSON and parameter counts; no run")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: the number of processes to plan for (default: the launcher's)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 parallel.zero_stage=2")
+
+
+def dry_run(config, world_size: int, out=sys.stdout) -> None:
+    from megatron_mega.training.ds_config import build_ds_config
+    from megatron_mega.training.flops import train_flops
+    from megatron_mega.training.trainer import build_model
+
+    layout = config.layout(world_size)
+    ds = build_ds_config(config, world_size)
+    model = build_model(config)
+    lm = model.lm
+    total = sum(p.numel() for p in model.parameters())
+    embedding = lm.get_input_embeddings().weight.numel()
+    print("# resolved config", file=out)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="", file=out)
+    print(f"# DeepSpeed JSON (world size {world_size})", file=out)
+    print(json.dumps(ds, indent=2), file=out)
+    print(f"layout: {layout.world_size} process(es) = {layout.pipeline_stages} pipeline stage(s) x "
+          f"{layout.data_parallel_size} data-parallel; global batch {layout.global_batch_size} = micro "
+          f"{layout.micro_batch_size} x accumulation {layout.grad_accum} x data-parallel "
+          f"{layout.data_parallel_size}", file=out)
+    print(f"parameters: {total:,} ({total - embedding:,} without the (tied) embedding)", file=out)
+    flops = train_flops(config.model, layout.global_batch_size, config.data.seq_len,
+                        activation_checkpointing=config.parallel.activation_checkpointing)
+    print(f"training FLOPs per step: {flops:.4g} ({flops / (layout.global_batch_size * config.data.seq_len):.4g} "
+          f"per token)", file=out)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from megatron_mega.training.config import TrainConfigError, load_train_config
+    from megatron_mega.training.distributed import env_context
+    from megatron_mega.training.trainer import TrainingAborted, run_training
+
+    try:
+        config = load_train_config(args.config, args.overrides)
+        if args.dry_run:
+            world = args.world_size or env_context()[0].world_size
+            dry_run(config, world)
+            return 0
+        result = run_training(config)
+    except TrainConfigError as err:
+        print(f"megatron-mega: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingAborted as err:
+        print(f"megatron-mega: training stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"done: iteration {result.step}, consumed samples {result.consumed_samples}, stopped: {result.stopped}",
+          flush=True)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-mega train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_arguments(parser)
+    return cmd_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

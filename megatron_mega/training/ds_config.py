@@ -1,0 +1,78 @@
+"""The DeepSpeed JSON, derived from a TrainConfig (one source of truth), with a user's JSON merged over it.
+
+The batch arithmetic (train_batch_size = micro x accumulation x data-parallel size) comes from `TrainConfig.layout`;
+a user JSON may add or change any other setting, but a batch key that disagrees with the config is refused rather
+than silently winning. The optimizer and the lr schedule are not in the JSON: the trainer passes torch's AdamW and
+its own schedule as client objects (DeepSpeed's fused/CPU Adam would JIT-compile a C++ op).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from megatron_mega.training.config import TrainConfig, TrainConfigError
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def user_json(config: TrainConfig) -> dict[str, Any]:
+    if config.deepspeed is None:
+        return {}
+    if isinstance(config.deepspeed, dict):
+        return config.deepspeed
+    try:
+        with open(config.deepspeed, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except OSError as err:
+        raise TrainConfigError(f"deepspeed: cannot read {config.deepspeed}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise TrainConfigError(f"deepspeed: {config.deepspeed}: line {err.lineno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"deepspeed: {config.deepspeed}: expected a JSON object")
+    return data
+
+
+def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    layout = config.layout(world_size)
+    dtype = config.precision.dtype
+    ds: dict[str, Any] = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": config.optim.clip_grad,
+        "zero_optimization": {"stage": config.parallel.zero_stage},
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": config.precision.initial_loss_scale_power},
+        "steps_per_print": 10 ** 9,   # the trainer logs; DeepSpeed's own progress lines are off
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
+    }
+    if config.checkpoint.universal:
+        ds["checkpoint"] = {"load_universal": True}
+    if config.parallel.pipeline_stages > 1 and config.parallel.activation_checkpointing:
+        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    extra = user_json(config)
+    for key in BATCH_KEYS:
+        if key in extra and extra[key] != ds[key]:
+            raise TrainConfigError(f"deepspeed.{key}: {extra[key]} disagrees with the config's {ds[key]} (set the "
+                                   f"batch in optim.global_batch_size / optim.micro_batch_size)")
+    stage = extra.get("zero_optimization", {}).get("stage", ds["zero_optimization"]["stage"])
+    if stage != config.parallel.zero_stage:
+        raise TrainConfigError(f"deepspeed.zero_optimization.stage: {stage} disagrees with parallel.zero_stage "
+                               f"{config.parallel.zero_stage}")
+    if "optimizer" in extra or "scheduler" in extra:
+        raise TrainConfigError("deepspeed.optimizer/scheduler: set them in the optim section (the trainer passes "
+                               "torch's AdamW and its own lr schedule)")
+    return deep_merge(ds, extra)

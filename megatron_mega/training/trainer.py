@@ -1,0 +1,349 @@
+"""The training loop: DeepSpeed engine over a MEGA LM, resumable exactly, with metrics and safe stops.
+
+    context = init_distributed(config.parallel.timeout_s)
+    result = Trainer(config, context).train()      # TrainResult: per-step losses, final step, why it stopped
+
+Plain path (pipeline_stages == 1): `deepspeed.initialize` on a module computing the loss, ZeRO 0-3. One optimizer
+step = grad_accum micro-batches of micro_batch_size per data-parallel rank. A micro-batch whose loss is not finite
+on any rank is dropped before its backward (no DeepSpeed counter moves) and the next one is read instead; K in a row
+stop the run. SIGTERM/SIGUSR1 finish the step, save, and return with `stopped="signal"`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_mega.training import checkpointing
+from megatron_mega.training.config import TrainConfig, TrainConfigError
+from megatron_mega.training.distributed import DistContext
+from megatron_mega.training.ds_config import build_ds_config
+from megatron_mega.training.flops import train_flops
+from megatron_mega.training.lr_schedule import WarmupDecay
+from megatron_mega.training.metrics import MetricsWriter, peak_tflops
+from megatron_mega.training.signals import StopRequest
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite losses in a row)."""
+
+
+@dataclass
+class TrainResult:
+    step: int = 0
+    consumed_samples: int = 0
+    losses: dict[int, float] = field(default_factory=dict)   # step -> mean loss over the global batch
+    grad_norms: dict[int, Optional[float]] = field(default_factory=dict)
+    eval_losses: dict[str, dict[int, float]] = field(default_factory=dict)
+    skipped_micro_batches: int = 0
+    stopped: str = "finished"   # finished | exit_at_step | signal
+    resumed_from: Optional[int] = None
+    checkpoint: Optional[str] = None
+    tokens_per_s: Optional[float] = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, default=str)
+
+
+class LMLoss(nn.Module):
+    """The module DeepSpeed wraps: a MEGA LM head model plus the objective, returning the mean loss.
+
+    Causal batches are {"tokens": (B, seq_len + 1)}: inputs tokens[:, :-1], targets tokens[:, 1:].
+    MLM batches are {"input_ids", "labels": (B, seq_len)} with -100 where nothing is predicted."""
+
+    def __init__(self, lm: nn.Module, objective: str):
+        super().__init__()
+        self.lm = lm
+        self.objective = objective
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.mega(inputs).last_hidden_state  # (B, L, D)
+        return self.lm.lm_loss(hidden, labels)
+
+
+def split_batch(batch: dict[str, torch.Tensor], objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if objective == "causal":
+        tokens = batch["tokens"]
+        return tokens[:, :-1], tokens[:, 1:]
+    return batch["input_ids"], batch["labels"]
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    """The same initial weights on every rank and whatever the layout: built under the config's seed."""
+    from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
+
+    torch.manual_seed(config.seed)
+    cls = MegaForCausalLM if config.objective == "causal" else MegaForMaskedLM
+    lm = cls(config.model)
+    if config.parallel.activation_checkpointing:
+        lm.gradient_checkpointing_enable()
+    return LMLoss(lm, config.objective)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on biases, norms' scales, EMA coefficients of rank < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, context: DistContext, print_fn=print):
+        self.config = config
+        self.context = context
+        self._print = print_fn
+        self.layout = config.layout(context.world_size)
+        if config.parallel.pipeline_stages > 1:
+            raise TrainConfigError(
+                "parallel.pipeline_stages: the pipeline path is not available yet (megatron_mega/parallel is not "
+                "merged); use parallel.pipeline_stages=1")
+        self.dp_rank = context.rank  # no pipeline: every process is a data-parallel rank
+        self.stop = StopRequest()
+
+    def log(self, message: str) -> None:
+        if self.context.is_main:
+            self._print(message, flush=True)
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+
+    def _datasets(self):
+        from megatron_mega.data.builder import build_datasets
+        from megatron_mega.data.tokenizer import Tokenizer
+
+        cfg, lay = self.config, self.layout
+        sha = Tokenizer.load(cfg.tokenizer).sha256 if cfg.tokenizer else None
+        per_micro = lay.micro_batch_size * lay.data_parallel_size
+        # room for the micro-batches non-finite losses may drop
+        train = cfg.optim.train_steps * lay.global_batch_size + cfg.optim.max_nonfinite_in_a_row * per_micro * 4
+        wanted = {"train": train, "valid": max(1, cfg.logging.eval_iters) * per_micro + 1,
+                  "test": max(1, cfg.logging.test_iters) * per_micro + 1}
+        splits = build_datasets(cfg.data, wanted, tokenizer_sha256=sha)
+        if splits.tokenizer is not None and splits.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise TrainConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                                   f"{splits.tokenizer.vocab_size}")
+        return splits
+
+    def _engine(self, model: nn.Module):
+        import deepspeed
+
+        cfg = self.config
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scheduler = WarmupDecay(optimizer, cfg.optim)
+        ds_config = build_ds_config(cfg, self.context.world_size)
+        if cfg.parallel.zero_stage == 3:
+            # lm_loss reads the head's weight outside the head's own forward: ZeRO-3 must gather it for LMLoss
+            from deepspeed.runtime.zero import register_external_parameter
+
+            head = model.lm.get_output_embeddings()
+            for p in (head.weight, head.bias):
+                if p is not None:
+                    register_external_parameter(model, p)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        return engine
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, engine, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        """The loss of one micro-batch (a hook: tests override it to inject faults)."""
+        inputs, labels = split_batch(batch, self.config.objective)
+        return engine(inputs, labels)
+
+    def _all_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def _all_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.context.world_size
+
+    def _train_step(self, engine, it, sampler, step: int, result: TrainResult) -> tuple[float, Optional[float]]:
+        lay, cfg = self.layout, self.config
+        per_micro = lay.micro_batch_size * lay.data_parallel_size
+        losses = []
+        in_a_row = 0
+        while len(losses) < lay.grad_accum:
+            batch = next(it)
+            loss = self.compute_loss(engine, batch, step)
+            value = float(loss.detach().float().item())
+            bad = self._all_max(0.0 if math.isfinite(value) else 1.0)
+            sampler.advance(per_micro)
+            if bad:
+                in_a_row += 1
+                result.skipped_micro_batches += 1
+                self.log(f"iteration {step + 1}: non-finite loss on some rank; micro-batch dropped "
+                         f"({in_a_row} in a row)")
+                if in_a_row >= cfg.optim.max_nonfinite_in_a_row:
+                    raise TrainingAborted(
+                        f"{in_a_row} non-finite losses in a row at iteration {step + 1} (optim.max_nonfinite_in_a_row"
+                        f"={cfg.optim.max_nonfinite_in_a_row}): lower optim.lr, check the data, or resume from an "
+                        f"earlier checkpoint")
+                continue
+            in_a_row = 0
+            engine.backward(loss)
+            grad_norm = self._zero0_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
+            engine.step()
+            losses.append(value)
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            norm = grad_norm
+        norm = None if norm is None else float(norm)
+        return self._all_mean(sum(losses) / len(losses)), norm
+
+    def _zero0_grad_norm(self, engine) -> Optional[float]:
+        """ZeRO-0 in fp32 does not report a gradient norm; after the boundary backward the gradients are averaged
+        across ranks, so the norm is the same everywhere."""
+        if self.config.parallel.zero_stage != 0 or self.config.precision.dtype != "fp32":
+            return None
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.nn.utils.get_total_norm(grads))
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, engine, dataset, iters: int) -> float:
+        from megatron_mega.data.loader import make_loader
+
+        loader, _ = make_loader(dataset, self.layout.micro_batch_size, self.dp_rank, self.layout.data_parallel_size)
+        engine.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= iters:
+                    break
+                inputs, labels = split_batch(batch, self.config.objective)
+                total += float(engine(inputs, labels).float().item())
+                count += 1
+        engine.train()
+        return self._all_mean(total / max(count, 1))
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        from megatron_mega.data.loader import make_loader
+
+        cfg, lay, ctx = self.config, self.layout, self.context
+        splits = self._datasets()
+        engine = self._engine(build_model(cfg))
+        result = TrainResult()
+        step, consumed, sampler_state = 0, 0, None
+        ck = cfg.checkpoint
+        load_dir = ck.dir if ck.load == "auto" else ck.load
+        if load_dir and checkpointing.latest_tag(load_dir) is not None:
+            client = checkpointing.load(engine, load_dir, ctx.rank)
+            step, consumed, sampler_state = client["step"], client["consumed_samples"], client["sampler"]
+            result.resumed_from = step
+            if client.get("_rng_missing"):
+                self._reseed(step)
+            self.log(f"resumed from {load_dir} at iteration {step}, consumed samples {consumed}")
+        elif ck.load not in (None, "auto"):
+            raise TrainConfigError(f"checkpoint.load: {ck.load} holds no checkpoint ('latest' is missing)")
+        else:
+            self._reseed(0)
+        loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
+                                      state=sampler_state)
+        it = iter(loader)
+        tokenizer_sha = splits.tokenizer.sha256 if splits.tokenizer is not None else None
+        writer = MetricsWriter(ctx.is_main, cfg.logging.tensorboard_dir, print_fn=self._print)
+        seq = cfg.data.seq_len
+        flops_step = train_flops(cfg.model, lay.global_batch_size, seq,
+                                 predicted_tokens=None if cfg.objective == "causal" else
+                                 int(lay.global_batch_size * seq * cfg.data.mlm.mask_prob),
+                                 activation_checkpointing=cfg.parallel.activation_checkpointing)
+        peak = peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops)
+        self.stop.install()
+        engine.train()
+        window_start, window_steps, rates = time.perf_counter(), 0, []
+        try:
+            while step < cfg.optim.train_steps:
+                lr = engine.get_lr()[0]
+                loss, norm = self._train_step(engine, it, sampler, step, result)
+                step += 1
+                window_steps += 1
+                result.losses[step] = loss
+                result.grad_norms[step] = norm
+                if step % cfg.logging.interval == 0 or step == cfg.optim.train_steps:
+                    elapsed = time.perf_counter() - window_start
+                    per_iter = elapsed / window_steps
+                    tflops = flops_step / per_iter / ctx.world_size / 1e12
+                    rates.append(lay.global_batch_size * seq / per_iter)
+                    writer.log_train(step, cfg.optim.train_steps, {
+                        "consumed_samples": sampler.consumed_samples,
+                        "consumed_tokens": sampler.consumed_samples * seq, "lr": lr, "loss": loss,
+                        "grad_norm": norm, "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0),
+                        "skipped": result.skipped_micro_batches, "ms_per_iter": 1000 * per_iter,
+                        "tokens_per_s": rates[-1], "tflops": tflops,
+                        "mfu": None if peak is None else tflops / peak})
+                    window_start, window_steps = time.perf_counter(), 0
+                if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and splits.valid is not None:
+                    loss_v = self.evaluate(engine, splits.valid, cfg.logging.eval_iters)
+                    result.eval_losses.setdefault("valid", {})[step] = loss_v
+                    writer.log_eval(step, "valid", loss_v)
+                    window_start = time.perf_counter()
+                signal_now = self._all_max(1.0 if self.stop.requested else 0.0) > 0
+                exit_now = ck.exit_at_step is not None and step >= ck.exit_at_step
+                if signal_now or exit_now:
+                    result.stopped = "signal" if signal_now else "exit_at_step"
+                    break
+                if ck.dir and ck.interval and step % ck.interval == 0 and step < cfg.optim.train_steps:
+                    result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
+            result.step, result.consumed_samples = step, sampler.consumed_samples
+            if ck.dir and (ck.save_final or result.stopped != "finished"):
+                result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
+            if result.stopped == "finished" and cfg.logging.test_iters and splits.test is not None:
+                loss_t = self.evaluate(engine, splits.test, cfg.logging.test_iters)
+                result.eval_losses.setdefault("test", {})[step] = loss_t
+                writer.log_eval(step, "test", loss_t)
+            if result.stopped == "signal":
+                self.log(f"stopped by signal at iteration {step}; checkpoint {result.checkpoint}")
+        finally:
+            self.stop.restore()
+            writer.close()
+        result.tokens_per_s = sum(rates) / len(rates) if rates else None
+        self.engine = engine
+        return result
+
+    def _reseed(self, step: int) -> None:
+        seed = (self.config.seed * 1_000_003 + step * 9973 + self.context.rank) % (2 ** 31)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _save(self, engine, step: int, sampler, tokenizer_sha: Optional[str]) -> str:
+        client = {"step": step, "consumed_samples": sampler.consumed_samples, "sampler": sampler.state_dict(),
+                  "config": self.config.to_dict(), "tokenizer_sha256": tokenizer_sha,
+                  "world_size": self.context.world_size}
+        folder = checkpointing.save(engine, self.config.checkpoint.dir, step, client, self.context.rank,
+                                    self.config.checkpoint.keep_last)
+        self.log(f"saved checkpoint {folder}")
+        return folder
+
+
+def run_training(config: TrainConfig, print_fn=print, trainer_cls=Trainer) -> TrainResult:
+    """Set up the process group from the launcher's environment and train."""
+    from megatron_mega.training.distributed import init_distributed
+
+    config.layout(_world_size_from_env())  # refuse a bad layout before DeepSpeed starts
+    context = init_distributed(config.parallel.timeout_s, config.parallel.cpu_shm_allreduce)
+    return trainer_cls(config, context, print_fn=print_fn).train()
+
+
+def _world_size_from_env() -> int:
+    from megatron_mega.training.distributed import env_context
+
+    return env_context()[0].world_size

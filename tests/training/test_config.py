@@ -1,0 +1,110 @@
+"""Config loading, cross-field rules, the generated DeepSpeed JSON, the lr schedule, the FLOP count, --dry-run."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+
+from megatron_mega.model.config import MegaConfig
+from megatron_mega.training.commands import dry_run, main
+from megatron_mega.training.config import OptimConfig, TrainConfig, TrainConfigError, load_train_config
+from megatron_mega.training.ds_config import build_ds_config
+from megatron_mega.training.flops import forward_flops, train_flops
+from megatron_mega.training.lr_schedule import lr_at
+
+from tests.training.conftest import ROOT, TINY
+
+CONFIGS = ["tiny.yaml", "demo.yaml", "wikitext103.yaml", "enwik8.yaml"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_load(name):
+    config = load_train_config(f"{ROOT}/configs/train/{name}")
+    assert config.layout(config.parallel.pipeline_stages).global_batch_size == config.optim.global_batch_size
+
+
+def test_overrides_and_round_trip():
+    config = load_train_config(TINY, ["optim.lr=1e-4", "parallel.zero_stage=2", "model.hidden_size=48"])
+    assert config.optim.lr == 1e-4 and config.parallel.zero_stage == 2 and config.model.hidden_size == 48
+    again = TrainConfig.from_dict(copy.deepcopy(config.to_dict()))
+    assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pipeline_stages=2", "parallel.zero_stage=2"], "ZeRO-2 cannot be combined with pipeline"),
+    (["optim.global_batch_size=5"], "not a multiple of optim.micro_batch_size"),
+    (["objective=mlm"], "model.is_decoder"),
+    (["data.objective=mlm"], "data.objective"),
+    (["optim.lr_max=1"], "optim.lr_max: unknown field"),
+    (["model.hidden_sise=3"], "model.hidden_sise: unknown MegaConfig field"),
+    (["optim.decay=step"], "optim.decay"),
+    (["model.use_chunking=false", "data.seq_len=4096"], "exceeds model.max_positions"),
+    (["bogus.x=1"], "bogus: unknown section"),
+])
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_train_config(TINY, overrides)
+
+
+def test_layout_checks_the_batch_arithmetic():
+    config = load_train_config(TINY, ["optim.global_batch_size=8", "optim.micro_batch_size=2"])
+    layout = config.layout(2)
+    assert (layout.data_parallel_size, layout.grad_accum) == (2, 2)
+    with pytest.raises(TrainConfigError, match="global_batch_size: 8 is not a multiple"):
+        config.layout(3)
+    piped = load_train_config(TINY, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"])
+    with pytest.raises(TrainConfigError, match="does not divide the world size 3"):
+        piped.layout(3)
+
+
+def test_ds_config_from_config_and_user_json():
+    config = load_train_config(TINY, ["parallel.zero_stage=2", "precision.dtype=bf16", "optim.clip_grad=0.25",
+                                      "deepspeed={zero_optimization: {overlap_comm: true}, wall_clock_breakdown: true}"])
+    ds = build_ds_config(config, world_size=2)
+    assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.25
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["wall_clock_breakdown"]
+    bad = load_train_config(TINY, ["deepspeed={train_batch_size: 64}"])
+    with pytest.raises(TrainConfigError, match="deepspeed.train_batch_size: 64 disagrees"):
+        build_ds_config(bad, 2)
+    bad = load_train_config(TINY, ["deepspeed={zero_optimization: {stage: 3}}"])
+    with pytest.raises(TrainConfigError, match="disagrees with parallel.zero_stage"):
+        build_ds_config(bad, 2)
+
+
+def test_lr_schedule():
+    cos = OptimConfig(train_steps=110, lr=1.0, min_lr=0.1, warmup_steps=10, decay="cosine")
+    assert [lr_at(s, cos) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_at(60, cos) == pytest.approx(0.55)   # half way through the decay: midpoint of lr and min_lr
+    assert lr_at(110, cos) == pytest.approx(0.1) and lr_at(500, cos) == pytest.approx(0.1)
+    lin = OptimConfig(train_steps=110, lr=1.0, min_lr=0.0, warmup_steps=10, decay="linear")
+    assert lr_at(35, lin) == pytest.approx(0.75)
+
+
+def test_flop_count_against_a_hand_count():
+    config = MegaConfig(vocab_size=100, hidden_size=8, num_hidden_layers=2, intermediate_size=16,
+                        shared_representation_size=4, ema_projection_size=2, nffn_hidden_size=12, use_chunking=True,
+                        chunk_size=4, is_decoder=True, bidirectional=False)
+    # one layer, one token, counted by hand:
+    #   v_proj 2*8*16=256, mx_proj 2*8*(4+16+16)=576, h_proj 2*16*8=256, EMA 6*8*2=96,
+    #   QK^T 2*4(chunk)*4=32, AV 2*4*16=128, NFFN 2*8*12 + 2*12*8 = 384      -> 1728
+    # head per token: dense 2*8*8=128 + projection 2*8*100=1600               -> 1728
+    # batch 3 x 10 tokens, 2 layers: 30*(2*1728) + 30*1728
+    assert forward_flops(config, batch=3, seq_len=10) == 30 * 2 * 1728 + 30 * 1728
+    assert train_flops(config, 3, 10) == 3 * (30 * 2 * 1728 + 30 * 1728)
+    assert train_flops(config, 3, 10, activation_checkpointing=True) == 3 * 30 * 3 * 1728 + 30 * 2 * 1728
+    assert forward_flops(config, 3, 10, predicted_tokens=5) == 30 * 2 * 1728 + 5 * 1728
+
+
+def test_dry_run_prints_config_json_and_counts(capsys):
+    out = io.StringIO()
+    dry_run(load_train_config(TINY, ["parallel.zero_stage=1"]), world_size=2, out=out)
+    text = out.getvalue()
+    assert '"stage": 1' in text and "parameters:" in text and "global batch 4 = micro 2 x accumulation 1" in text
+    assert main(["--config", TINY, "--dry-run", "--world-size", "2"]) == 0
+    assert main(["--config", TINY, "parallel.pipeline_stages=2", "parallel.zero_stage=3", "--dry-run"]) == 2
+    assert "ZeRO-3 cannot be combined" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Real DeepSpeed training on CPU with gloo, no mocks. The jobs of one world run in the same spawned processes
+(module fixtures), so DeepSpeed's import and process-group setup are paid once per world."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+import signal
+
+import pytest
+
+from tests.training.world import run_jobs
+
+
+def job(base: dict, trainer: str = "plain", kwargs: dict | None = None, **sections) -> dict:
+    config = copy.deepcopy(base)
+    for dotted, value in sections.items():
+        section, key = dotted.split("__")
+        config.setdefault(section, {})[key] = value
+    return {"config": config, "trainer": trainer, "kwargs": kwargs or {}}
+
+
+def losses(result: dict) -> list[float]:
+    return [result["losses"][k] for k in sorted(result["losses"], key=int)]
+
+
+# ---- one process ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def single(tiny_dict, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    tb = str(out / "tb")
+    jobs = [
+        # 0: loss goes down on real text
+        job(tiny_dict, optim__train_steps=40, optim__lr=0.01, logging__interval=10),
+        # 1: metrics: log lines, tensorboard, validation, final test
+        job(tiny_dict, optim__train_steps=4, logging__interval=2, logging__tensorboard_dir=tb,
+            logging__eval_interval=2, logging__eval_iters=2, logging__test_iters=2),
+    ]
+    return run_jobs(1, jobs, str(out)), tb
+
+
+def test_loss_decreases_on_real_text(single):
+    result = single[0][0]
+    values = losses(result)
+    assert len(values) == 40 and all(math.isfinite(v) for v in values)
+    assert sum(values[-5:]) / 5 < sum(values[:5]) / 5 - 1.0, values
+    assert result["stopped"] == "finished"
+
+
+def test_metrics_lines_tensorboard_and_evaluation(single):
+    (_, result), tb = single
+    line = next(l for l in result["lines"] if l.startswith("iteration 2/4"))
+    for field in ("consumed samples 8", "consumed tokens 512", "lr ", "loss ", "grad norm ", "loss scale ",
+                  "skipped 0", "ms/iter ", "tokens/s ", "TFLOP/s/device ", "MFU n/a"):
+        assert field in line, (field, line)
+    assert set(result["eval_losses"]["valid"]) == {"2", "4"} and set(result["eval_losses"]["test"]) == {"4"}
+    assert any(l.startswith("valid at iteration 2 | loss") and "perplexity" in l for l in result["lines"])
+    assert glob.glob(os.path.join(tb, "events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tb)
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/tflops", "valid/loss", "valid/perplexity",
+            "test/loss"} <= tags
+
+
+# ---- two processes -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world2(tiny_dict, tmp_path_factory):
+    out = tmp_path_factory.mktemp("world2")
+    steps = dict(optim__train_steps=6, optim__global_batch_size=8, optim__micro_batch_size=2)  # 2 accumulation
+    jobs = [job(tiny_dict, parallel__zero_stage=stage, **steps) for stage in (0, 1, 2, 3)]       # 0-3
+    ck_full, ck_cut = str(out / "full"), str(out / "cut")
+    jobs += [
+        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=ck_full, checkpoint__interval=2, **steps),   # 4
+        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=ck_cut, checkpoint__exit_at_step=3, **steps),  # 5
+        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=ck_cut, **steps),                              # 6
+        # 7: SIGTERM reaches rank 1 only, during step 3 (0-based 2)
+        job(tiny_dict, "signal", {"signal_at": [2, 1]}, checkpoint__dir=str(out / "sig"), **steps),
+        # 8: one NaN micro-batch on rank 1 at step 2 is dropped; 9: three in a row stop the run
+        job(tiny_dict, "nan", {"nan_at": [[1, 0, 1]]}, **steps),
+        job(tiny_dict, "nan", {"nan_at": [[1, 0, 0], [1, 1, 0], [1, 2, 0]]}, optim__max_nonfinite_in_a_row=3,
+            **steps),
+    ]
+    return run_jobs(2, jobs, str(out)), out
+
+
+def test_zero_stages_give_the_same_losses(world2):
+    results, _ = world2
+    reference = losses(results[0])
+    assert len(reference) == 6 and reference[-1] < reference[0]
+    for stage in (1, 2, 3):
+        assert losses(results[stage]) == pytest.approx(reference, rel=1e-5, abs=1e-5), stage
+
+
+def test_exact_resume(world2):
+    results, out = world2
+    full, cut, resumed = results[4], results[5], results[6]
+    assert cut["stopped"] == "exit_at_step" and cut["step"] == 3
+    assert resumed["resumed_from"] == 3 and resumed["step"] == 6
+    assert losses(cut) == losses(full)[:3]
+    # float32 on CPU: bit-identical continuation
+    assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == losses(full)[3:]
+    assert resumed["consumed_samples"] == full["consumed_samples"] == 48
+    # keep_last=2: the older checkpoints of the full run were deleted once newer ones were complete
+    assert sorted(n for n in os.listdir(out / "full") if n.startswith("step")) == ["step00000004", "step00000006"]
+    assert (out / "full" / "latest").read_text().strip() == "step00000006"
+
+
+def test_sigterm_finishes_the_step_saves_and_stops(world2):
+    results, out = world2
+    result = results[7]
+    assert result["stopped"] == "signal" and result["step"] == 3
+    assert (out / "sig" / "latest").read_text().strip() == "step00000003"
+    assert any("stopped by signal at iteration 3" in l for l in result["lines"])
+
+
+def test_nonfinite_loss_is_skipped_then_aborts(world2):
+    results, _ = world2
+    skipped, aborted = results[8], results[9]
+    assert skipped["skipped_micro_batches"] == 1 and skipped["step"] == 6
+    assert all(math.isfinite(v) for v in losses(skipped))
+    assert losses(skipped)[0] == losses(results[0])[0]
+    assert "3 non-finite losses in a row at iteration 2" in aborted["aborted"]

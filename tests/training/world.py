@@ -1,0 +1,90 @@
+"""Run training jobs in a real multi-process gloo world (torch.multiprocessing.spawn), one after another in the
+same processes (DeepSpeed's process group is set up once: the import and init cost is paid once per world).
+
+Each job is {"config": dict, "trainer": name, "kwargs": {...}}; rank 0 (or every rank, with "all_ranks") writes
+the TrainResult (or the abort message) and the log lines it printed as JSON."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import signal
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from megatron_mega.training.config import TrainConfig
+from megatron_mega.training.trainer import Trainer, TrainingAborted, run_training
+
+
+class NanTrainer(Trainer):
+    """Returns a NaN loss for the micro-batches listed as (step, micro index, rank)."""
+
+    def __init__(self, *args, nan_at=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_at = {tuple(x) for x in nan_at}
+        self.calls: dict[int, int] = {}
+
+    def compute_loss(self, engine, batch, step):
+        loss = super().compute_loss(engine, batch, step)
+        index = self.calls.get(step, 0)
+        self.calls[step] = index + 1
+        if (step, index, self.context.rank) in self.nan_at:
+            loss = loss * float("nan")
+        return loss
+
+
+class SignalTrainer(Trainer):
+    """Sends itself `signum` during step `step` on rank `rank`, as SLURM would before preemption."""
+
+    def __init__(self, *args, signal_at=(0, 0), signum=int(signal.SIGTERM), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.signal_at, self.signum, self.sent = tuple(signal_at), signum, False
+
+    def compute_loss(self, engine, batch, step):
+        if not self.sent and (step, self.context.rank) == self.signal_at:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+        return super().compute_loss(engine, batch, step)
+
+
+TRAINERS = {"plain": Trainer, "nan": NanTrainer, "signal": SignalTrainer}
+
+
+def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    for i, job in enumerate(jobs):
+        config = TrainConfig.from_dict(copy.deepcopy(job["config"]))
+        lines: list[str] = []
+        trainer = functools.partial(TRAINERS[job.get("trainer", "plain")], **job.get("kwargs", {}))
+        try:
+            out = run_training(config, print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))),
+                               trainer_cls=trainer).__dict__
+        except TrainingAborted as err:
+            out = {"aborted": str(err)}
+        out["lines"] = lines
+        if rank == 0 or job.get("all_ranks"):
+            with open(os.path.join(out_dir, f"job{i}-rank{rank}.json"), "w") as fh:
+                json.dump(out, fh, default=str)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_jobs(world_size: int, jobs: list, out_dir: str) -> list[dict]:
+    """Rank 0's result of each job (keys of TrainResult; `losses` keyed by str(step))."""
+    os.makedirs(out_dir, exist_ok=True)
+    mp.spawn(_worker, args=(world_size, free_port(), jobs, out_dir), nprocs=world_size, join=True)
+    results = []
+    for i in range(len(jobs)):
+        with open(os.path.join(out_dir, f"job{i}-rank0.json")) as fh:
+            results.append(json.load(fh))
+    return results
