@@ -76,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingAborted as err:
         print(f"megatron-mega: training stopped: {err}", file=sys.stderr)
         return 1
-    print(f"done: iteration {result.step}, consumed samples {result.consumed_samples}, stopped: {result.stopped}",
-          flush=True)
+    if env_context()[0].is_main:
+        print(f"done: iteration {result.step}, consumed samples {result.consumed_samples}, stopped: "
+              f"{result.stopped}", flush=True)
     return 0
 
 

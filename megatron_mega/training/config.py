@@ -102,7 +102,7 @@ class ParallelConfig:
     pipeline_stages: int = 1
     zero_stage: int = 0
     activation_checkpointing: bool = False
-    partition_method: str = "parameters"  # pipeline only: DeepSpeed's partition_method
+    partition_method: Optional[str] = None  # pipeline only (null: megatron_mega.parallel's default)
     # DeepSpeed's CPU shared-memory all-reduce: a C++ op JIT-compiled (~64 s) on first use. gloo does the same job,
     # so it is off unless asked for.
     cpu_shm_allreduce: bool = False

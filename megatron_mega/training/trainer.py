@@ -104,11 +104,14 @@ class Trainer:
         self.context = context
         self._print = print_fn
         self.layout = config.layout(context.world_size)
-        if config.parallel.pipeline_stages > 1:
-            raise TrainConfigError(
-                "parallel.pipeline_stages: the pipeline path is not available yet (megatron_mega/parallel is not "
-                "merged); use parallel.pipeline_stages=1")
-        self.dp_rank = context.rank  # no pipeline: every process is a data-parallel rank
+        self.pipeline = config.parallel.pipeline_stages > 1
+        if self.pipeline:
+            try:
+                import megatron_mega.parallel  # noqa: F401
+            except ImportError:
+                raise TrainConfigError("parallel.pipeline_stages: the pipeline path needs megatron_mega.parallel, "
+                                       "which this installation lacks; use parallel.pipeline_stages=1") from None
+        self.dp_rank = context.rank  # plain path: every process is a data-parallel rank (pipeline: set in _engine)
         self.stop = StopRequest()
 
     def log(self, message: str) -> None:
@@ -134,6 +137,15 @@ class Trainer:
                                    f"{splits.tokenizer.vocab_size}")
         return splits
 
+    def _pipeline_module(self) -> nn.Module:
+        from megatron_mega.parallel import build_pipeline_module
+
+        cfg = self.config
+        kwargs = {} if cfg.parallel.partition_method is None else {"partition_method": cfg.parallel.partition_method}
+        return build_pipeline_module(cfg.model, cfg.parallel.pipeline_stages, objective=cfg.objective,
+                                     activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+                                     seed=cfg.seed, **kwargs)
+
     def _engine(self, model: nn.Module):
         import deepspeed
 
@@ -142,7 +154,7 @@ class Trainer:
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = WarmupDecay(optimizer, cfg.optim)
         ds_config = build_ds_config(cfg, self.context.world_size)
-        if cfg.parallel.zero_stage == 3:
+        if cfg.parallel.zero_stage == 3 and not self.pipeline:
             # lm_loss reads the head's weight outside the head's own forward: ZeRO-3 must gather it for LMLoss
             from deepspeed.runtime.zero import register_external_parameter
 
@@ -152,6 +164,8 @@ class Trainer:
                     register_external_parameter(model, p)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        if self.pipeline:
+            self.dp_rank = engine.grid.get_data_parallel_rank()
         return engine
 
     # ---- one step ------------------------------------------------------------------------------------------------
@@ -204,6 +218,29 @@ class Trainer:
         norm = None if norm is None else float(norm)
         return self._all_mean(sum(losses) / len(losses)), norm
 
+    def _pipeline_step(self, engine, it, sampler, step: int, result: TrainResult) -> tuple[float, Optional[float]]:
+        """DeepSpeed's pipeline schedule runs the grad_accum micro-batches and the optimizer step in one call, so a
+        non-finite loss is seen only after the step: it is counted (K in a row abort), not undone."""
+        objective = self.config.objective
+
+        def micro_batches():
+            while True:
+                inputs, labels = split_batch(next(it), objective)
+                yield (inputs,), labels
+
+        loss = float(engine.train_batch(data_iter=micro_batches()).float().item())
+        sampler.advance(self.layout.global_batch_size)
+        if not math.isfinite(loss):
+            result.skipped_micro_batches += self.layout.grad_accum
+            self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
+            if self._nonfinite_steps >= self.config.optim.max_nonfinite_in_a_row:
+                raise TrainingAborted(f"{self._nonfinite_steps} non-finite losses in a row at iteration {step + 1} "
+                                      f"(pipeline)")
+        else:
+            self._nonfinite_steps = 0
+        norm = engine.get_global_grad_norm()
+        return loss, None if norm is None else float(norm)
+
     def _zero0_grad_norm(self, engine) -> Optional[float]:
         """ZeRO-0 in fp32 does not report a gradient norm; after the boundary backward the gradients are averaged
         across ranks, so the norm is the same everywhere."""
@@ -220,6 +257,12 @@ class Trainer:
         from megatron_mega.data.loader import make_loader
 
         loader, _ = make_loader(dataset, self.layout.micro_batch_size, self.dp_rank, self.layout.data_parallel_size)
+        if self.pipeline:
+            objective = self.config.objective
+            batches = (((inp,), lab) for inp, lab in (split_batch(b, objective) for b in loader))
+            loss = engine.eval_batch(batches, num_micro_batches=iters)
+            engine.train()
+            return self._all_mean(float(loss.float().item()))
         engine.eval()
         total, count = 0.0, 0
         with torch.no_grad():
@@ -239,7 +282,8 @@ class Trainer:
 
         cfg, lay, ctx = self.config, self.layout, self.context
         splits = self._datasets()
-        engine = self._engine(build_model(cfg))
+        engine = self._engine(self._pipeline_module() if self.pipeline else build_model(cfg))
+        step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
         step, consumed, sampler_state = 0, 0, None
         ck = cfg.checkpoint
@@ -272,7 +316,7 @@ class Trainer:
         try:
             while step < cfg.optim.train_steps:
                 lr = engine.get_lr()[0]
-                loss, norm = self._train_step(engine, it, sampler, step, result)
+                loss, norm = step_fn(engine, it, sampler, step, result)
                 step += 1
                 window_steps += 1
                 result.losses[step] = loss
