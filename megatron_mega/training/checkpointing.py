@@ -2,7 +2,9 @@
 
     <dir>/step00000040/          DeepSpeed's files (model, optimizer partitions, lr schedule) + client state
     <dir>/step00000040/rng-rank00003.pt   each rank's RNG states (python, numpy, torch)
+    <dir>/step00000040/trainer_state.json  step, consumed samples, sampler state, layout, config, tokenizer sha256
     <dir>/latest                 the newest complete tag (the file DeepSpeed's load_checkpoint reads)
+    <dir>/step00000040-universal/  made on resume when the layout changed (DeepSpeed's ds_to_universal)
 
 Every rank writes its part, then all wait at a barrier; only then does rank 0 move `latest` (atomically) and delete
 checkpoints beyond `keep_last`. A run killed while saving leaves `latest` at the previous complete checkpoint.
@@ -10,10 +12,13 @@ checkpoints beyond `keep_last`. A run killed while saving leaves `latest` at the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -25,6 +30,8 @@ from megatron_mega.atomic_io import atomic_write_text
 logger = logging.getLogger(__name__)
 LATEST = "latest"
 TAG_PREFIX = "step"
+STATE_FILE = "trainer_state.json"
+UNIVERSAL_SUFFIX = "-universal"
 
 
 def tag_for(step: int) -> str:
@@ -55,6 +62,8 @@ def save(engine, directory: str, step: int, client_state: dict[str, Any], rank: 
     folder = os.path.join(directory, tag)
     os.makedirs(folder, exist_ok=True)
     torch.save(rng_state(), os.path.join(folder, f"rng-rank{rank:05d}.pt"))
+    if rank == 0:
+        atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(client_state, indent=1, default=str) + "\n")
     dist.barrier()  # every rank has written its part
     if rank == 0:
         atomic_write_text(os.path.join(directory, LATEST), tag + "\n")
@@ -65,15 +74,46 @@ def save(engine, directory: str, step: int, client_state: dict[str, Any], rank: 
 
 
 def _prune(directory: str, keep_last: int) -> None:
-    tags = sorted(name for name in os.listdir(directory)
-                  if name.startswith(TAG_PREFIX) and os.path.isdir(os.path.join(directory, name)))
+    tags = sorted(name for name in os.listdir(directory) if name.startswith(TAG_PREFIX)
+                  and not name.endswith(UNIVERSAL_SUFFIX) and os.path.isdir(os.path.join(directory, name)))
     for old in tags[:-keep_last]:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
+        shutil.rmtree(os.path.join(directory, old + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def read_state(directory: str, tag: str) -> dict[str, Any]:
+    path = os.path.join(directory, tag, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise RuntimeError(f"{path}: missing; {directory}/{tag} is not a checkpoint written by this trainer") from None
+
+
+def convert_to_universal(directory: str, tag: str, rank: int) -> str:
+    """DeepSpeed's universal checkpoint of `tag` (made once, by rank 0, beside it); returns its tag. Needed to
+    resume with another data-parallel size or pipeline stage count: the optimizer partitions are re-cut on load."""
+    target = tag + UNIVERSAL_SUFFIX
+    out = os.path.join(directory, target)
+    if rank == 0 and not os.path.exists(os.path.join(out, "zero")):
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   os.path.join(directory, tag), "--output_folder", tmp, "--inject_missing_state",
+                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting {directory}/{tag} to a universal checkpoint failed:\n"
+                               f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        shutil.copy(os.path.join(directory, tag, STATE_FILE), os.path.join(tmp, STATE_FILE))
+        os.replace(tmp, out)
+    dist.barrier()
+    return target
 
 
 def load(engine, directory: str, rank: int, tag: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """Load the checkpoint `tag` (default: `latest`) into the engine; returns the client state (None: nothing to
-    load). Restores this rank's RNG state when the checkpoint has one for this rank."""
+    """Load the checkpoint `tag` (default: `latest`) into the engine; returns the trainer state (None: nothing to
+    load). Restores this rank's RNG state when the checkpoint has one for this rank (a universal one has none)."""
     tag = tag or latest_tag(directory)
     if tag is None:
         return None
@@ -81,10 +121,11 @@ def load(engine, directory: str, rank: int, tag: Optional[str] = None) -> Option
                                           load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"{directory}/{tag}: DeepSpeed could not load this checkpoint")
+    state = read_state(directory, tag)
     rng_file = os.path.join(directory, tag, f"rng-rank{rank:05d}.pt")
     if os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
     else:
         logger.warning("%s: no RNG state for rank %d (the layout changed); RNG reseeded", rng_file, rank)
-        client["_rng_missing"] = True
-    return client
+        state["_rng_missing"] = True
+    return state

@@ -146,7 +146,35 @@ class Trainer:
                                      activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
                                      seed=cfg.seed, **kwargs)
 
-    def _engine(self, model: nn.Module):
+    def _resume_plan(self) -> tuple[Optional[str], Optional[str], bool]:
+        """(folder, tag, universal) of the checkpoint to resume from, or (None, None, False) for a fresh start.
+        A checkpoint saved under another layout (data-parallel size, pipeline stages, ZeRO stage) is converted to a
+        DeepSpeed universal checkpoint first, without the user doing anything."""
+        ck, lay = self.config.checkpoint, self.layout
+        load_dir = ck.dir if ck.load == "auto" else ck.load
+        tag = checkpointing.latest_tag(load_dir) if load_dir else None
+        if tag is None:
+            if ck.load not in (None, "auto"):
+                raise TrainConfigError(f"checkpoint.load: {ck.load} holds no checkpoint ('latest' is missing)")
+            return None, None, False
+        saved = checkpointing.read_state(load_dir, tag)["layout"]
+        now = self._layout_dict()
+        if (saved["pipeline_stages"] > 1) != (now["pipeline_stages"] > 1):
+            raise TrainConfigError(
+                f"parallel.pipeline_stages: {load_dir}/{tag} was saved with {saved['pipeline_stages']} pipeline "
+                f"stage(s); resuming a pipeline checkpoint without a pipeline (or the reverse) is not supported")
+        if ck.universal or saved != now:
+            if saved != now:
+                self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: resuming through a universal "
+                         f"checkpoint")
+            return load_dir, checkpointing.convert_to_universal(load_dir, tag, self.context.rank), True
+        return load_dir, tag, False
+
+    def _layout_dict(self) -> dict[str, int]:
+        return {"pipeline_stages": self.layout.pipeline_stages, "data_parallel_size": self.layout.data_parallel_size,
+                "zero_stage": self.config.parallel.zero_stage}
+
+    def _engine(self, model: nn.Module, universal: bool = False):
         import deepspeed
 
         cfg = self.config
@@ -154,6 +182,8 @@ class Trainer:
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = WarmupDecay(optimizer, cfg.optim)
         ds_config = build_ds_config(cfg, self.context.world_size)
+        if universal:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         if cfg.parallel.zero_stage == 3 and not self.pipeline:
             # lm_loss reads the head's weight outside the head's own forward: ZeRO-3 must gather it for LMLoss
             from deepspeed.runtime.zero import register_external_parameter
@@ -282,21 +312,20 @@ class Trainer:
 
         cfg, lay, ctx = self.config, self.layout, self.context
         splits = self._datasets()
-        engine = self._engine(self._pipeline_module() if self.pipeline else build_model(cfg))
+        ck = cfg.checkpoint
+        load_dir, tag, universal = self._resume_plan()
+        engine = self._engine(self._pipeline_module() if self.pipeline else build_model(cfg), universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
-        step, consumed, sampler_state = 0, 0, None
-        ck = cfg.checkpoint
-        load_dir = ck.dir if ck.load == "auto" else ck.load
-        if load_dir and checkpointing.latest_tag(load_dir) is not None:
-            client = checkpointing.load(engine, load_dir, ctx.rank)
-            step, consumed, sampler_state = client["step"], client["consumed_samples"], client["sampler"]
+        step, sampler_state = 0, None
+        if tag is not None:
+            state = checkpointing.load(engine, load_dir, ctx.rank, tag)
+            step, sampler_state = state["step"], state["sampler"]
             result.resumed_from = step
-            if client.get("_rng_missing"):
+            if state.get("_rng_missing"):
                 self._reseed(step)
-            self.log(f"resumed from {load_dir} at iteration {step}, consumed samples {consumed}")
-        elif ck.load not in (None, "auto"):
-            raise TrainConfigError(f"checkpoint.load: {ck.load} holds no checkpoint ('latest' is missing)")
+            self.log(f"resumed from {load_dir}/{tag} at iteration {step}, consumed samples "
+                     f"{state['consumed_samples']} (saved under {state['layout']})")
         else:
             self._reseed(0)
         loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
@@ -371,7 +400,7 @@ class Trainer:
     def _save(self, engine, step: int, sampler, tokenizer_sha: Optional[str]) -> str:
         client = {"step": step, "consumed_samples": sampler.consumed_samples, "sampler": sampler.state_dict(),
                   "config": self.config.to_dict(), "tokenizer_sha256": tokenizer_sha,
-                  "world_size": self.context.world_size}
+                  "world_size": self.context.world_size, "layout": self._layout_dict()}
         folder = checkpointing.save(engine, self.config.checkpoint.dir, step, client, self.context.rank,
                                     self.config.checkpoint.keep_last)
         self.log(f"saved checkpoint {folder}")

@@ -86,6 +86,9 @@ def world2(tiny_dict, tmp_path_factory):
         job(tiny_dict, "nan", {"nan_at": [[1, 0, 1]]}, **steps),
         job(tiny_dict, "nan", {"nan_at": [[1, 0, 0], [1, 1, 0], [1, 2, 0]]}, optim__max_nonfinite_in_a_row=3,
             **steps),
+        # 10: stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
+        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "relayout"), checkpoint__exit_at_step=3,
+            **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -127,3 +130,17 @@ def test_nonfinite_loss_is_skipped_then_aborts(world2):
     assert all(math.isfinite(v) for v in losses(skipped))
     assert losses(skipped)[0] == losses(results[0])[0]
     assert "3 non-finite losses in a row at iteration 2" in aborted["aborted"]
+
+
+def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):
+    """Saved by 2 ranks under ZeRO-2, resumed by 1 (gradient accumulation 4 instead of 2): the trainer converts
+    the checkpoint to a universal one by itself; the same samples follow, so the losses match the uninterrupted
+    2-rank run up to float reduction order."""
+    results, out = world2
+    full = results[4]
+    steps = dict(optim__train_steps=6, optim__global_batch_size=8, optim__micro_batch_size=2)
+    [resumed] = run_jobs(1, [job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "relayout"),
+                                 **steps)], str(tmp_path))
+    assert resumed["resumed_from"] == 3 and resumed["consumed_samples"] == 48
+    assert any("resuming through a universal checkpoint" in l for l in resumed["lines"])
+    assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-5)
