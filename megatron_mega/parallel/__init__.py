@@ -27,5 +27,6 @@ __all__ = [
     "NameRule", "PARTITION_METHODS", "PipelineLayout", "build_pipeline_module", "check_pipeline_compatible",
     "describe_partition", "disable_shm_comm", "gather_pipeline_state", "hf_name_to_pipeline", "hf_state_to_pipeline",
     "layer_specs", "pipeline_layout", "pipeline_name_to_hf", "pipeline_state_to_hf", "plain_from_pipeline_state",
-    "plain_model", "plain_model_from_pipeline_checkpoint", "read_pipeline_checkpoint", "to_plain_model",
+    "plain_model", "plain_model_from_pipeline_checkpoint", "read_pipeline_checkpoint", "stage_partition",
+    "to_plain_model",
 ]

@@ -50,8 +50,8 @@ def run_world(world_size: int, target, *args) -> None:
 
 
 def causal_batches(steps: int, micro_batches: int, batch: int, length: int, vocab: int, seed: int = 0):
-    """steps x micro_batches of (input_ids, targets): next-token targets, aligned, -100 at the end and at a few
-    random positions."""
+    """steps x micro_batches of ((input_ids,), targets): next-token targets, aligned, -100 at the end and at a
+    few random positions."""
     generator = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
@@ -61,7 +61,27 @@ def causal_batches(steps: int, micro_batches: int, batch: int, length: int, voca
             targets = torch.full_like(ids, -100)
             targets[:, :-1] = ids[:, 1:]
             targets[torch.rand(ids.shape, generator=generator) < 0.1] = -100
-            step.append((ids, targets))
+            step.append(((ids,), targets))
+        out.append(step)
+    return out
+
+
+def padded_mlm_batches(steps: int, micro_batches: int, batch: int, length: int, vocab: int, seed: int = 0):
+    """steps x micro_batches of ((input_ids, attention_mask), targets): ~30% of the real positions labelled, rows
+    right-padded to random lengths (pad id 1, mask 0, no targets)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        step = []
+        for _ in range(micro_batches):
+            ids = torch.randint(3, vocab, (batch, length), generator=generator)
+            mask = torch.ones_like(ids)
+            for row in range(batch):
+                mask[row, int(torch.randint(length // 2, length + 1, (), generator=generator)):] = 0
+            ids[mask == 0] = 1
+            targets = ids.clone()
+            targets[(torch.rand(ids.shape, generator=generator) > 0.3) | (mask == 0)] = -100
+            step.append(((ids, mask), targets))
         out.append(step)
     return out
 
@@ -76,8 +96,9 @@ def train_plain(config: MegaConfig, objective: str, seed: int, batches, lr: floa
     losses = []
     for step in batches:
         total = 0.0
-        for ids, targets in step:
-            loss = model.lm_loss(model.mega(ids).last_hidden_state, targets)
+        for inputs, targets in step:
+            mask = inputs[1] if len(inputs) > 1 else None
+            loss = model.lm_loss(model.mega(inputs[0], attention_mask=mask).last_hidden_state, targets)
             (loss / len(step)).backward()
             total += loss.item()
         if clip:
@@ -104,9 +125,9 @@ def train_pipeline(rank: int, config: MegaConfig, objective: str, seed: int, num
     dp_rank = pipe.mpu().get_data_parallel_rank()
     gas = len(batches[0]) // dp
     ds_config = {
-        "train_micro_batch_size_per_gpu": batches[0][0][0].shape[0],
+        "train_micro_batch_size_per_gpu": batches[0][0][1].shape[0],
         "gradient_accumulation_steps": gas,
-        "train_batch_size": batches[0][0][0].shape[0] * gas * dp,
+        "train_batch_size": batches[0][0][1].shape[0] * gas * dp,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": clip,
@@ -114,13 +135,17 @@ def train_pipeline(rank: int, config: MegaConfig, objective: str, seed: int, num
     }
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=ds_config)
-    losses = []
+    checkpointed = list(pipe.is_checkpointable_results)  # per chunk of activation_checkpoint_interval layers
+    losses, norms = [], []
     for step in batches:
         mine = step[dp_rank * gas:(dp_rank + 1) * gas]
-        loss = engine.train_batch(data_iter=iter([((ids,), targets) for ids, targets in mine]))
+        loss = engine.train_batch(data_iter=iter(mine))
         losses.append(float(loss))
+        norms.append(engine.get_global_grad_norm())
     final = to_plain_model(pipe)
     engine.save_checkpoint(checkpoint_dir, tag="last")
     torch.distributed.barrier()
     if rank == 0:
-        torch.save({"initial": initial, "losses": losses, "final": final.state_dict()}, out_path)
+        torch.save({"initial": initial, "losses": losses, "final": final.state_dict(), "checkpointed": checkpointed,
+                    "grad_norms": norms},
+                   out_path)
