@@ -73,6 +73,7 @@ class MegaPipelineModule(PipelineModule):
         self.mega_config = config
         self.objective = objective
         self.layout = layout
+        self.loss_fn = self.lm_loss  # DeepSpeed calls loss_fn(outputs, labels) on the last stage
 
     def _partition_layers(self, method="uniform"):  # DeepSpeed calls this from __init__
         self.parts = list(self._mega_parts)
@@ -89,6 +90,8 @@ class MegaPipelineModule(PipelineModule):
         return layers
 
     def lm_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the labelled positions, from the hidden states the blocks produced, the head's
+        dense/bias and this stage's copy of the tied word embedding; no (tokens x vocab) logits exist at once."""
         head = self.forward_funcs[self.fwd_map[str(self.layout.head_layer)]]
         weight = self.tied_modules[TIED_KEY].word_embeddings.weight if self.layout.tied else None
         hidden = outputs[0] if isinstance(outputs, tuple) else outputs
@@ -98,7 +101,7 @@ class MegaPipelineModule(PipelineModule):
 def build_pipeline_module(model_config: MegaConfig, num_stages: int, *, objective: str = "causal",
                           activation_checkpoint_interval: int = 0, seed: int = 0,
                           partition_method: str = "type:MegaBlockPipe",
-                          init_state: Optional[dict[str, torch.Tensor]] = None):
+                          init_state: Optional[dict[str, torch.Tensor]] = None) -> MegaPipelineModule:
     """A deepspeed.pipe.PipelineModule of MEGA with `num_stages` stages (torch.distributed must be initialised; the
     world size must be a multiple of num_stages, the rest is data parallelism).
 
@@ -122,9 +125,8 @@ def build_pipeline_module(model_config: MegaConfig, num_stages: int, *, objectiv
 
     pipe = MegaPipelineModule(layer_specs(model_config, objective), config=model_config, objective=objective,
                               layout=layout, parts=parts, num_stages=num_stages, partition_method=partition_method,
-               activation_checkpoint_interval=activation_checkpoint_interval,
-               checkpointable_layers=list(CHECKPOINTABLE_LAYERS))
-    pipe.loss_fn = pipe.lm_loss
+                              activation_checkpoint_interval=activation_checkpoint_interval,
+                              checkpointable_layers=list(CHECKPOINTABLE_LAYERS))
     with torch.no_grad():
         for index, module in pipe.local_layers().items():
             module.load_state_dict(by_layer.get(index, {}), strict=True)
