@@ -111,7 +111,8 @@ def build_pipeline_module(model_config: MegaConfig, num_stages: int, *, objectiv
     the labelled positions of a micro-batch, as `MegaForCausalLM.lm_loss(hidden, targets)`.
     activation_checkpoint_interval: recompute every `k` consecutive MEGA blocks in the backward pass (0: off; 1 is
     the natural choice: chunks that would include the embedding or the head are not checkpointed).
-    init_state: a Hugging Face-format state dict to start from instead of the seeded fresh model.
+    init_state: the complete `state_dict()` of a plain model to start from instead of the seeded fresh one, e.g.
+    `MegaForCausalLM.from_pretrained(path).state_dict()` (from_pretrained fills what a file may omit).
     """
     if activation_checkpoint_interval < 0:
         raise ValueError(f"activation_checkpoint_interval: must be >= 0, got {activation_checkpoint_interval}")
