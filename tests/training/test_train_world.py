@@ -14,8 +14,11 @@ import pytest
 from tests.training.world import run_jobs
 
 
-def job(base: dict, trainer: str = "plain", kwargs: dict | None = None, **sections) -> dict:
+def job(base: dict, trainer: str = "plain", kwargs: dict | None = None, objective: str | None = None,
+        **sections) -> dict:
     config = copy.deepcopy(base)
+    if objective is not None:
+        config["objective"] = objective
     for dotted, value in sections.items():
         section, key = dotted.split("__")
         config.setdefault(section, {})[key] = value
@@ -38,6 +41,10 @@ def single(tiny_dict, tmp_path_factory):
         # 1: metrics: log lines, tensorboard, validation, final test
         job(tiny_dict, optim__train_steps=4, logging__interval=2, logging__tensorboard_dir=tb,
             logging__eval_interval=2, logging__eval_iters=2, logging__test_iters=2),
+        # 2: masked LM (bidirectional encoder); 3: bf16
+        job(tiny_dict, objective="mlm", model__is_decoder=False, model__bidirectional=True,
+            optim__train_steps=12, optim__lr=0.01, logging__eval_interval=12),
+        job(tiny_dict, optim__train_steps=4, precision__dtype="bf16"),
     ]
     return run_jobs(1, jobs, str(out)), tb
 
@@ -51,7 +58,7 @@ def test_loss_decreases_on_real_text(single):
 
 
 def test_metrics_lines_tensorboard_and_evaluation(single):
-    (_, result), tb = single
+    (_, result, *_), tb = single
     line = next(l for l in result["lines"] if l.startswith("iteration 2/4"))
     for field in ("consumed samples 8", "consumed tokens 512", "lr ", "loss ", "grad norm ", "loss scale ",
                   "skipped 0", "ms/iter ", "tokens/s ", "TFLOP/s/device ", "MFU n/a"):
@@ -66,6 +73,19 @@ def test_metrics_lines_tensorboard_and_evaluation(single):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/tokens_per_s", "train/tflops", "valid/loss", "valid/perplexity",
             "test/loss"} <= tags
+
+
+def test_masked_lm_objective(single):
+    result = single[0][2]
+    values = losses(result)
+    assert all(math.isfinite(v) for v in values) and sum(values[-3:]) < sum(values[:3])
+    assert math.isfinite(result["eval_losses"]["valid"]["12"])
+
+
+def test_bf16(single):
+    fp32 = losses(single[0][1])
+    bf16 = losses(single[0][3])
+    assert bf16 == pytest.approx(fp32, abs=0.05) and bf16 != fp32
 
 
 # ---- two processes -------------------------------------------------------------------------------------------------
