@@ -61,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_model_info)
 
     from data_prep.commands import add_prepare_command
+    from megatron_mega.convert.commands import add_commands as add_convert_commands
 
     add_prepare_command(commands)
+    add_convert_commands(commands)
     return parser
 
 

@@ -1,0 +1,162 @@
+"""Read the weights of a training checkpoint (any ZeRO stage, any pipeline layout) under Hugging Face names.
+
+A checkpoint folder is what megatron_mega.training writes: `<dir>/latest`, `<dir>/stepNNNNNNNN/` with DeepSpeed's
+files and `trainer_state.json` (step, consumed samples, resolved config, tokenizer sha256, layout). The weights come
+from, by layout:
+- pipeline (stages > 1): the per-layer files `layer_XX-model_states.pt`, mapped by megatron_mega.parallel's name map;
+- ZeRO 1-3: DeepSpeed's own fp32 reconstruction from the optimizer partitions (`zero_to_fp32`);
+- ZeRO 0: the module state in `mp_rank_00_model_states.pt`.
+The plain path's module is the trainer's LMLoss wrapper, whose names are the HF names behind an `lm.` prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron_mega.model.config import MegaConfig
+
+logger = logging.getLogger(__name__)
+_WRAPPER_PREFIX = "lm."
+
+
+class TrainingCheckpointError(ValueError):
+    """A folder that is not a readable training checkpoint (missing files, unknown step, wrong layout)."""
+
+
+@dataclass
+class TrainingWeights:
+    config: MegaConfig
+    objective: str  # "causal" | "mlm"
+    state: dict[str, torch.Tensor]  # HF names of MegaForCausalLM / MegaForMaskedLM
+    step: int
+    consumed_samples: int
+    tokens_seen: int
+    tokenizer_sha256: Optional[str]
+    tokenizer_path: Optional[str]
+    layout: dict[str, Any]
+    tag_dir: str
+
+    def model(self):
+        """The training-side model (MegaForCausalLM or MegaForMaskedLM) holding these weights."""
+        from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
+
+        cls = MegaForCausalLM if self.objective == "causal" else MegaForMaskedLM
+        model = cls(self.config)
+        report = model.load_checkpoint_state(self.state, source=self.tag_dir, source_architecture=cls.__name__)
+        if report.missing_keys or report.unexpected_keys:
+            raise TrainingCheckpointError(
+                f"{self.tag_dir}: weights do not match {cls.__name__}: missing {report.missing_keys[:5]}, "
+                f"unexpected {report.unexpected_keys[:5]}")
+        return model.eval()
+
+
+def _tag(directory: str, step: Optional[int]) -> str:
+    from megatron_mega.training import checkpointing
+
+    if not os.path.isdir(directory):
+        raise TrainingCheckpointError(f"{directory}: not a directory")
+    if step is not None:
+        tag = checkpointing.tag_for(step)
+        if not os.path.isdir(os.path.join(directory, tag)):
+            available = sorted(n for n in os.listdir(directory) if n.startswith(checkpointing.TAG_PREFIX)
+                               and not n.endswith(checkpointing.UNIVERSAL_SUFFIX))
+            raise TrainingCheckpointError(f"{directory}: no checkpoint for step {step} (available: {available})")
+        return tag
+    tag = checkpointing.latest_tag(directory)
+    if tag is None:
+        raise TrainingCheckpointError(f"{directory}: no `latest` file; not a training checkpoint folder "
+                                      f"(or no checkpoint finished writing)")
+    return tag
+
+
+def read_training_checkpoint(directory: str, step: Optional[int] = None) -> TrainingWeights:
+    from megatron_mega.training import checkpointing
+
+    directory = os.path.abspath(directory)
+    tag = _tag(directory, step)
+    tag_dir = os.path.join(directory, tag)
+    try:
+        state = checkpointing.read_state(directory, tag)
+    except RuntimeError as err:
+        raise TrainingCheckpointError(str(err)) from None
+    config_dict = state.get("config") or {}
+    try:
+        config = MegaConfig.from_dict(config_dict["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise TrainingCheckpointError(f"{tag_dir}: trainer_state.json has no usable model config ({err})") from None
+    objective = config_dict.get("objective", "causal")
+    layout = dict(state.get("layout") or {})
+    stages = int(layout.get("pipeline_stages", 1))
+    if stages > 1:
+        weights = _pipeline_weights(tag_dir, config, objective)
+    elif int(layout.get("zero_stage", 0)) > 0:
+        weights = _zero_weights(directory, tag)
+    else:
+        weights = _module_weights(tag_dir)
+    seq_len = int((config_dict.get("data") or {}).get("seq_len", 0))
+    consumed = int(state.get("consumed_samples", 0))
+    return TrainingWeights(config=config, objective=objective, state=weights, step=int(state.get("step", 0)),
+                           consumed_samples=consumed, tokens_seen=consumed * seq_len,
+                           tokenizer_sha256=state.get("tokenizer_sha256"), tokenizer_path=config_dict.get("tokenizer"),
+                           layout=layout, tag_dir=tag_dir)
+
+
+def _strip_wrapper(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    if not state or not all(k.startswith(_WRAPPER_PREFIX) for k in state):
+        raise TrainingCheckpointError(f"{where}: module weights are not the trainer's (expected names under "
+                                      f"'{_WRAPPER_PREFIX}', got e.g. {sorted(state)[:3]})")
+    return {k[len(_WRAPPER_PREFIX):]: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def _module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if not os.path.exists(path):
+        raise TrainingCheckpointError(f"{path}: missing (incomplete checkpoint?)")
+    # DeepSpeed's own file of our own run: it holds non-tensor objects, so weights_only loading cannot read it
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return _strip_wrapper(dict(blob["module"]), path)
+
+
+def _zero_weights(directory: str, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainingCheckpointError(f"{directory}/{tag}: cannot reconstruct the ZeRO weights ({err})") from None
+    return _strip_wrapper(dict(state), f"{directory}/{tag}")
+
+
+def _pipeline_weights(tag_dir: str, config: MegaConfig, objective: str) -> dict[str, torch.Tensor]:
+    from megatron_mega.parallel import plain_model_from_pipeline_checkpoint
+
+    try:
+        model = plain_model_from_pipeline_checkpoint(tag_dir, config, objective=objective)
+    except FileNotFoundError as err:
+        raise TrainingCheckpointError(f"{tag_dir}: pipeline layer files missing ({err})") from None
+    return {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+
+
+EMA_PARAMETERS = ("damping_factor", "decay_factor", "ema_expansion_matrix", "kernel_projection_matrix")
+
+
+def bidirectional_to_causal(state: dict[str, torch.Tensor], config: MegaConfig) -> tuple[dict, MegaConfig]:
+    """The documented encoder -> decoder conversion: keep each EMA's forward (causal) half, drop the backward half.
+
+    A bidirectional EMA is two EMAs, the first `hidden_size` rows reading the past and the last `hidden_size` rows
+    the future; a causal model keeps the first. Attention becomes causal (is_decoder). The result is a starting point
+    for causal training, not an equivalent model: the encoder never learnt to work without the future."""
+    if not config.bidirectional:
+        return state, config
+    hidden = config.hidden_size
+    out = {}
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] in EMA_PARAMETERS and ".ema_gate." in key:
+            value = value[:hidden].clone()
+        out[key] = value
+    return out, config.copy(bidirectional=False, is_decoder=True)

@@ -1,0 +1,118 @@
+"""Training checkpoints (ZeRO 0 and 3, a 2-stage pipeline, masked LM) -> Hugging Face directories.
+
+The runs train the same tiny model on the same data under different layouts, so their weights agree to float
+round-off: converted directories that agree with each other prove that no layout scrambles names (a wrong mapping
+gives O(1) differences). The converted heads load in our six classes and in transformers 4.57.6's."""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_mega import MEGA_HEADS, MegaForCausalLM, MegaForMaskedLM
+from megatron_mega.convert.commands import run_convert
+from megatron_mega.convert.training_checkpoint import TrainingCheckpointError, read_training_checkpoint
+from tests.training.test_train_world import job
+from tests.training.world import run_jobs
+
+STEPS = dict(optim__train_steps=4, optim__global_batch_size=4, optim__micro_batch_size=2,
+             checkpoint__interval=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dict, tmp_path_factory):
+    out = tmp_path_factory.mktemp("convert-runs")
+    dirs = {name: str(out / name) for name in ("zero0", "zero3", "pipe", "mlm")}
+    jobs = [
+        job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=dirs["zero0"], **STEPS),
+        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=dirs["zero3"], **STEPS),
+        job(tiny_dict, objective="mlm", model__is_decoder=False, model__bidirectional=True,
+            checkpoint__dir=dirs["mlm"], **STEPS),
+        # last: a plain engine after a pipeline engine in the same process trips DeepSpeed's global state
+        job(tiny_dict, parallel__pipeline_stages=2, parallel__zero_stage=1, checkpoint__dir=dirs["pipe"], **STEPS),
+    ]
+    run_jobs(2, jobs, str(out / "results"))
+    return dirs
+
+
+def convert(checkpoint: str, output: str, **options) -> int:
+    args = dict(head=None, step=None, num_labels=None, dtype="float32", tokenizer=None,
+                bidirectional_to_causal=False, max_shard_size="5GB", force=False)
+    args.update(options)
+    return run_convert(Namespace(checkpoint=checkpoint, output=output, **args))
+
+
+def hidden(directory: str, ids: torch.Tensor, cls=MegaForCausalLM) -> torch.Tensor:
+    with torch.no_grad():
+        return cls.from_pretrained(directory).mega(ids).last_hidden_state
+
+
+def test_every_layout_converts_to_the_same_model(runs, tmp_path):
+    for name in ("zero0", "zero3", "pipe"):
+        assert convert(runs[name], str(tmp_path / name)) == 0
+        files = set(os.listdir(tmp_path / name))
+        assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "README.md"} <= files
+    ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = hidden(str(tmp_path / "zero0"), ids)
+    for name in ("zero3", "pipe"):
+        torch.testing.assert_close(hidden(str(tmp_path / name), ids), reference, rtol=1e-4, atol=1e-5)
+    # the weights moved away from initialisation: the comparison is not between untrained models
+    torch.manual_seed(1234)
+    fresh = MegaForCausalLM(MegaForCausalLM.from_pretrained(tmp_path / "zero0").config).eval()
+    assert (fresh.mega(ids).last_hidden_state - reference).abs().max() > 1e-3
+    state = json.loads((tmp_path / "pipe" / "conversion.json").read_text())
+    assert state["training step"] == 4 and state["self_check_relative_error"] == 0.0
+
+
+def test_an_earlier_step_and_bad_requests(runs, tmp_path, capsys):
+    assert convert(runs["zero3"], str(tmp_path / "s2"), step=2) == 0
+    assert read_training_checkpoint(runs["zero3"], 2).step == 2
+    assert convert(runs["zero3"], str(tmp_path / "s3"), step=3) == 2
+    assert "no checkpoint for step 3" in capsys.readouterr().err
+    assert convert(runs["zero3"], str(tmp_path / "s2")) == 2  # exists, no --force
+    assert "exists" in capsys.readouterr().err
+    assert convert(str(tmp_path), str(tmp_path / "x")) == 2
+    assert "latest" in capsys.readouterr().err
+    with pytest.raises(TrainingCheckpointError):
+        read_training_checkpoint(str(tmp_path / "missing"))
+
+
+def test_encoder_to_causal_is_refused_unless_asked(runs, tmp_path, capsys):
+    assert convert(runs["mlm"], str(tmp_path / "mlm")) == 0  # default head: masked-lm
+    assert MegaForMaskedLM.from_pretrained(tmp_path / "mlm").config.bidirectional
+    assert convert(runs["mlm"], str(tmp_path / "causal"), head="causal-lm") == 2
+    assert "bidirectional" in capsys.readouterr().err
+    assert not (tmp_path / "causal").exists()
+    assert convert(runs["mlm"], str(tmp_path / "causal"), head="causal-lm", bidirectional_to_causal=True) == 0
+    causal = MegaForCausalLM.from_pretrained(tmp_path / "causal")
+    assert causal.config.is_decoder and not causal.config.bidirectional
+    encoder = MegaForMaskedLM.from_pretrained(tmp_path / "mlm")
+    kept = causal.mega.layers[0].mega_layer.ema_gate.damping_factor
+    assert torch.equal(kept, encoder.mega.layers[0].mega_layer.ema_gate.damping_factor[:kept.shape[0]])
+
+
+def test_each_head_loads_in_transformers_with_the_same_outputs(runs, tmp_path, reference_runner):
+    ids = torch.randint(3, 2000, (2, 3, 16), generator=torch.Generator().manual_seed(1))
+    jobs, ours = [], {}
+    for task, cls in MEGA_HEADS.items():
+        out = tmp_path / task
+        assert convert(runs["pipe"], str(out), head=task, num_labels=3 if "classification" in task else None) == 0
+        inputs = {"input_ids": (ids if task == "multiple-choice" else ids[:, 0]).contiguous()}
+        save_file(inputs, str(out / "inputs.safetensors"))
+        with torch.no_grad():
+            result = cls.from_pretrained(out)(**inputs)
+        ours[task] = result.start_logits if task == "question-answering" else result.logits
+        jobs.append({"name": task, "mode": "load", "dir": str(out), "head": cls.__name__,
+                     "inputs": str(out / "inputs.safetensors"), "outputs": str(out / "hf.safetensors")})
+    status = reference_runner(jobs, tmp_path)
+    for task in MEGA_HEADS:
+        assert status["jobs"][task]["ok"], status["jobs"][task]
+        theirs = load_file(str(tmp_path / task / "hf.safetensors"))
+        theirs = theirs["start_logits" if task == "question-answering" else "logits"]
+        error = float((ours[task] - theirs).abs().max() / theirs.abs().max())
+        assert error <= 1e-4, (task, error)
