@@ -109,6 +109,8 @@ def world2(tiny_dict, tmp_path_factory):
         # 10: stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
         job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "relayout"), checkpoint__exit_at_step=3,
             **steps),
+        # 11: activation checkpointing of the MEGA blocks under ZeRO-3
+        job(tiny_dict, parallel__zero_stage=3, parallel__activation_checkpointing=True, **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -119,6 +121,11 @@ def test_zero_stages_give_the_same_losses(world2):
     assert len(reference) == 6 and reference[-1] < reference[0]
     for stage in (1, 2, 3):
         assert losses(results[stage]) == pytest.approx(reference, rel=1e-5, abs=1e-5), stage
+
+
+def test_activation_checkpointing_gives_the_same_losses(world2):
+    results, _ = world2
+    assert losses(results[11]) == pytest.approx(losses(results[0]), rel=1e-5, abs=1e-5)
 
 
 def test_exact_resume(world2):
@@ -164,3 +171,24 @@ def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):
     assert resumed["resumed_from"] == 3 and resumed["consumed_samples"] == 48
     assert any("resuming through a universal checkpoint" in l for l in resumed["lines"])
     assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-5)
+
+
+def test_a_hung_rank_fails_the_job_after_the_timeout(tiny_dict, tmp_path):
+    """Rank 1 stops taking part at step 2; rank 0 fails on the collective timeout (parallel.timeout_s) instead of
+    waiting forever."""
+    import time
+
+    from tests.training.world import start_jobs
+
+    config = job(tiny_dict, "hang", {"hang_at": [1, 1]}, parallel__timeout_s=5, optim__train_steps=4)
+    procs = start_jobs(2, [config], str(tmp_path))
+    try:
+        start = time.monotonic()
+        procs[0].join(timeout=120)
+        assert procs[0].exitcode not in (None, 0), "rank 0 still waiting: no collective timeout"
+        assert time.monotonic() - start < 120
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()

@@ -51,7 +51,22 @@ class SignalTrainer(Trainer):
         return super().compute_loss(engine, batch, step)
 
 
-TRAINERS = {"plain": Trainer, "nan": NanTrainer, "signal": SignalTrainer}
+class HangTrainer(Trainer):
+    """Rank `rank` stops taking part (sleeps) at step `step`: the others must fail on the collective timeout."""
+
+    def __init__(self, *args, hang_at=(1, 1), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hang_at = tuple(hang_at)
+
+    def compute_loss(self, engine, batch, step):
+        if (step, self.context.rank) == self.hang_at:
+            import time
+
+            time.sleep(3600)
+        return super().compute_loss(engine, batch, step)
+
+
+TRAINERS = {"plain": Trainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer}
 
 
 def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
@@ -71,6 +86,18 @@ def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> 
         if rank == 0 or job.get("all_ranks"):
             with open(os.path.join(out_dir, f"job{i}-rank{rank}.json"), "w") as fh:
                 json.dump(out, fh, default=str)
+
+
+def start_jobs(world_size: int, jobs: list, out_dir: str) -> list:
+    """The processes of a world, started and not waited for (for tests that watch them fail)."""
+    os.makedirs(out_dir, exist_ok=True)
+    port = free_port()
+    context = mp.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(rank, world_size, port, jobs, out_dir), daemon=True)
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    return procs
 
 
 def free_port() -> int:
