@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from data_prep.commands import add_prepare_command
     from megatron_mega.convert.commands import add_commands as add_convert_commands
+    from megatron_mega.finetune.commands import add_commands as add_finetune_commands
 
     add_prepare_command(commands)
     add_convert_commands(commands)
+    add_finetune_commands(commands)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""Fine-tuning a converted MEGA directory on a labelled task: one loop for every task head (`model(**batch).loss`).
+
+A causal (decoder) checkpoint is fine-tuned with bidirectional attention (is_decoder=False): the classification
+heads read the first token, which under causal attention would see nothing but itself. The EMA keeps its causal
+weights; every position's attention then reads its whole chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_mega.finetune.examples import TASKS, Encoder, ExamplesError
+from megatron_mega.model.heads import IGNORE_INDEX, MEGA_HEADS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneSettings:
+    task: str = "sequence-classification"
+    num_labels: int = 2
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_length: int = 256
+    seed: int = 0
+    text_key: str = "text"
+    text_pair_key: Optional[str] = None
+    label_key: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ExamplesError(f"task: {self.task!r} is not one of {TASKS}")
+        for name in ("num_labels", "epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ExamplesError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class FinetuneResult:
+    train_losses: list[float] = field(default_factory=list)
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(model, encoder: Encoder, dataset, batch_size: int) -> dict[str, float]:
+    model.eval()
+    total_loss, batches, correct, counted = 0.0, 0, 0, 0
+    for batch in encoder.batches(dataset, batch_size):
+        out = model(**batch)
+        total_loss += float(out.loss)
+        batches += 1
+        labels = batch["labels"]
+        if labels.dtype == torch.long:
+            predictions = out.logits.argmax(-1)
+            keep = labels != IGNORE_INDEX
+            correct += int((predictions[keep] == labels[keep]).sum())
+            counted += int(keep.sum())
+    result = {"loss": total_loss / max(batches, 1)}
+    if counted:
+        result["accuracy"] = correct / counted
+    return result
+
+
+def finetune(model_dir: str, train_set, eval_set, settings: FinetuneSettings, tokenizer,
+             output_dir: Optional[str] = None, print_fn=print) -> FinetuneResult:
+    cls = MEGA_HEADS[settings.task]
+    overrides = {"num_labels": settings.num_labels, "is_decoder": False}
+    torch.manual_seed(settings.seed)
+    model, report = cls.from_pretrained(model_dir, ignore_mismatched_sizes=True, output_loading_info=True,
+                                        **overrides)
+    print_fn(f"loaded {cls.__name__} from {model_dir}: {len(report.loaded_keys)} tensors; new: "
+             f"{', '.join(report.missing_keys + [k for k, _, _ in report.mismatched_keys]) or 'none'}")
+    encoder = Encoder(settings.task, tokenizer, settings.text_key, settings.label_key, settings.max_length,
+                      settings.text_pair_key)
+    encoder.check_columns(train_set, "train")
+    encoder.check_columns(eval_set, "eval")
+    result = FinetuneResult()
+    result.eval_before = evaluate(model, encoder, eval_set, settings.batch_size)
+    print_fn(f"before: eval {_fmt(result.eval_before)}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    started = time.perf_counter()
+    for epoch in range(settings.epochs):
+        model.train()
+        losses = []
+        for batch in encoder.batches(train_set, settings.batch_size, shuffle_seed=settings.seed + epoch):
+            loss = model(**batch).loss
+            if not math.isfinite(float(loss)):
+                raise RuntimeError(f"epoch {epoch + 1}: non-finite loss {float(loss)}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+        result.train_losses.append(sum(losses) / max(len(losses), 1))
+        metrics = evaluate(model, encoder, eval_set, settings.batch_size)
+        print_fn(f"epoch {epoch + 1}/{settings.epochs}: train loss {result.train_losses[-1]:.4f}, eval {_fmt(metrics)}")
+    result.eval_after = metrics
+    result.seconds = time.perf_counter() - started
+    if output_dir:
+        model.save_pretrained(output_dir)
+        tokenizer.save(output_dir)
+        print_fn(f"saved the fine-tuned {cls.__name__} to {os.path.abspath(output_dir)}")
+    return result
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
