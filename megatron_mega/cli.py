@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.commands import add_prepare_command
     from megatron_mega.convert.commands import add_commands as add_convert_commands
     from megatron_mega.finetune.commands import add_commands as add_finetune_commands
+    from megatron_mega.training.commands import add_commands as add_train_commands
 
     add_prepare_command(commands)
+    add_train_commands(commands)
     add_convert_commands(commands)
     add_finetune_commands(commands)
     return parser
