@@ -59,6 +59,11 @@ def dry_run(config, world_size: int, out=sys.stdout) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from megatron_mega.data.config import DataConfigError
+    from megatron_mega.data.indexed_dataset import IndexedDatasetError
+    from megatron_mega.data.manifest import ManifestError
+    from megatron_mega.data.sampler import SamplerError
+    from megatron_mega.data.tokenizer import TokenizerError
     from megatron_mega.training.config import TrainConfigError, load_train_config
     from megatron_mega.training.distributed import env_context
     from megatron_mega.training.trainer import TrainingAborted, run_training
@@ -70,7 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             dry_run(config, world)
             return 0
         result = run_training(config)
-    except TrainConfigError as err:
+    except (TrainConfigError, DataConfigError, ManifestError, TokenizerError, SamplerError,
+            IndexedDatasetError) as err:
+        # a bad config, a missing or mismatched dataset/tokenizer: one line, no traceback
         print(f"megatron-mega: error: {err}", file=sys.stderr)
         return 2
     except TrainingAborted as err:

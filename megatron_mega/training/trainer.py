@@ -312,8 +312,14 @@ class Trainer:
 
         cfg, lay, ctx = self.config, self.layout, self.context
         splits = self._datasets()
+        tokenizer_sha = splits.tokenizer.sha256 if splits.tokenizer is not None else None
         ck = cfg.checkpoint
         load_dir, tag, universal = self._resume_plan()
+        if tag is not None:
+            saved_sha = checkpointing.read_state(load_dir, tag).get("tokenizer_sha256")
+            if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
+                raise TrainConfigError(f"data.paths: {load_dir}/{tag} was trained on data tokenized with tokenizer "
+                                       f"sha256 {saved_sha[:12]}…, the configured data uses {tokenizer_sha[:12]}…")
         engine = self._engine(self._pipeline_module() if self.pipeline else build_model(cfg), universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
@@ -331,7 +337,6 @@ class Trainer:
         loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
                                       state=sampler_state)
         it = iter(loader)
-        tokenizer_sha = splits.tokenizer.sha256 if splits.tokenizer is not None else None
         writer = MetricsWriter(ctx.is_main, cfg.logging.tensorboard_dir, print_fn=self._print)
         seq = cfg.data.seq_len
         flops_step = train_flops(cfg.model, lay.global_batch_size, seq,
@@ -375,6 +380,7 @@ class Trainer:
                     break
                 if ck.dir and ck.interval and step % ck.interval == 0 and step < cfg.optim.train_steps:
                     result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
+                    window_start = time.perf_counter()  # saving is not part of ms/iter
             result.step, result.consumed_samples = step, sampler.consumed_samples
             if ck.dir and (ck.save_final or result.stopped != "finished"):
                 result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
