@@ -32,11 +32,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 parallel.zero_stage=2")
 
 
-def dry_run(config, world_size: int, out=sys.stdout) -> None:
+def dry_run(config, world_size: int, out=None) -> None:
     from megatron_mega.training.ds_config import build_ds_config
     from megatron_mega.training.flops import train_flops
     from megatron_mega.training.trainer import build_model
 
+    out = sys.stdout if out is None else out
     layout = config.layout(world_size)
     ds = build_ds_config(config, world_size)
     model = build_model(config)

@@ -71,6 +71,10 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
     for key, value in missing.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    if _has_cuda():
+        import torch
+
+        torch.cuda.set_device(context.local_rank)  # one GPU per process, before NCCL starts
     import deepspeed
     import deepspeed.ops
 

@@ -111,6 +111,8 @@ class Trainer:
             except ImportError:
                 raise TrainConfigError("parallel.pipeline_stages: the pipeline path needs megatron_mega.parallel, "
                                        "which this installation lacks; use parallel.pipeline_stages=1") from None
+        if config.precision.dtype == "fp16" and not torch.cuda.is_available():
+            raise TrainConfigError("precision.dtype: fp16 needs a GPU (DeepSpeed refuses it on CPU); use bf16 or fp32")
         self.dp_rank = context.rank  # plain path: every process is a data-parallel rank (pipeline: set in _engine)
         self.stop = StopRequest()
 
@@ -203,15 +205,18 @@ class Trainer:
     def compute_loss(self, engine, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """The loss of one micro-batch (a hook: tests override it to inject faults)."""
         inputs, labels = split_batch(batch, self.config.objective)
-        return engine(inputs, labels)
+        return engine(inputs.to(engine.device), labels.to(engine.device))
+
+    def _device(self):
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     def _all_max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
     def _all_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
         dist.all_reduce(t)
         return float(t.item()) / self.context.world_size
 
@@ -300,7 +305,7 @@ class Trainer:
                 if i >= iters:
                     break
                 inputs, labels = split_batch(batch, self.config.objective)
-                total += float(engine(inputs, labels).float().item())
+                total += float(engine(inputs.to(engine.device), labels.to(engine.device)).float().item())
                 count += 1
         engine.train()
         return self._all_mean(total / max(count, 1))

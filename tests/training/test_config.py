@@ -108,3 +108,15 @@ def test_dry_run_prints_config_json_and_counts(capsys):
     assert main(["--config", TINY, "--dry-run", "--world-size", "2"]) == 0
     assert main(["--config", TINY, "parallel.pipeline_stages=2", "parallel.zero_stage=3", "--dry-run"]) == 2
     assert "ZeRO-3 cannot be combined" in capsys.readouterr().err
+
+
+def test_add_commands_registers_train_on_a_parser(capsys):
+    import argparse
+
+    from megatron_mega.training.commands import add_commands
+
+    parser = argparse.ArgumentParser(prog="megatron-mega")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "--config", TINY, "--dry-run", "--world-size", "1", "optim.lr=1e-4"])
+    assert args.func(args) == 0
+    assert "lr: 0.0001" in capsys.readouterr().out
