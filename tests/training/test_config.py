@@ -120,3 +120,20 @@ def test_add_commands_registers_train_on_a_parser(capsys):
     args = parser.parse_args(["train", "--config", TINY, "--dry-run", "--world-size", "1", "optim.lr=1e-4"])
     assert args.func(args) == 0
     assert "lr: 0.0001" in capsys.readouterr().out
+
+
+def test_rank_and_world_from_launcher_environments():
+    from megatron_mega.training.distributed import env_context
+
+    ctx, missing = env_context({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                                "MASTER_PORT": "1"})
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, missing) == (3, 4, 1, {})
+    ctx, missing = env_context({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+                                "MASTER_ADDR": "node0", "SLURM_JOB_ID": "12345"})
+    assert (ctx.rank, ctx.world_size, ctx.local_rank) == (5, 8, 1)
+    assert missing == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0",
+                       "MASTER_PORT": str(20000 + 12345 % 20000)}
+    with pytest.raises(RuntimeError, match="export MASTER_ADDR"):
+        env_context({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"})
+    ctx, missing = env_context({})
+    assert (ctx.rank, ctx.world_size) == (0, 1) and missing["WORLD_SIZE"] == "1" and int(missing["MASTER_PORT"]) > 0

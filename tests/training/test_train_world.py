@@ -10,6 +10,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from tests.training.world import run_jobs
 
@@ -111,6 +112,9 @@ def world2(tiny_dict, tmp_path_factory):
             **steps),
         # 11: activation checkpointing of the MEGA blocks under ZeRO-3
         job(tiny_dict, parallel__zero_stage=3, parallel__activation_checkpointing=True, **steps),
+        # 12: SIGUSR1 on rank 0 during step 2
+        job(tiny_dict, "signal", {"signal_at": [1, 0], "signum": int(signal.SIGUSR1)},
+            checkpoint__dir=str(out / "usr1"), **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -137,6 +141,12 @@ def test_exact_resume(world2):
     # float32 on CPU: bit-identical continuation
     assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == losses(full)[3:]
     assert resumed["consumed_samples"] == full["consumed_samples"] == 48
+    # and the final weights are equal, tensor for tensor
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    a = get_fp32_state_dict_from_zero_checkpoint(str(out / "full"), tag="step00000006")
+    b = get_fp32_state_dict_from_zero_checkpoint(str(out / "cut"), tag="step00000006")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # keep_last=2: the older checkpoints of the full run were deleted once newer ones were complete
     assert sorted(n for n in os.listdir(out / "full") if n.startswith("step")) == ["step00000004", "step00000006"]
     assert (out / "full" / "latest").read_text().strip() == "step00000006"
@@ -148,6 +158,9 @@ def test_sigterm_finishes_the_step_saves_and_stops(world2):
     assert result["stopped"] == "signal" and result["step"] == 3
     assert (out / "sig" / "latest").read_text().strip() == "step00000003"
     assert any("stopped by signal at iteration 3" in l for l in result["lines"])
+    usr1 = results[12]
+    assert usr1["stopped"] == "signal" and usr1["step"] == 2
+    assert (out / "usr1" / "latest").read_text().strip() == "step00000002"
 
 
 def test_nonfinite_loss_is_skipped_then_aborts(world2):
