@@ -84,7 +84,7 @@ class MegaGenerationMixin:
         try:
             sequences = input_ids
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            out = self(input_ids, attention_mask=attention_mask, use_cache=use_cache)
+            out = self(input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=1)
             cache = out.past_key_values if use_cache else None
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1, :].float()
@@ -109,7 +109,7 @@ class MegaGenerationMixin:
                                use_cache=True)
                     cache = out.past_key_values
                 else:
-                    out = self(sequences, attention_mask=attention_mask, use_cache=False)
+                    out = self(sequences, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
             return sequences
         finally:
             self.train(was_training)

@@ -120,7 +120,10 @@ class MegaForCausalLM(_LMHeadModel, MegaGenerationMixin):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        logits_to_keep: int = 0,
     ):
+        """`logits_to_keep=k > 0` computes the logits of the last k positions only (transformers' argument):
+        a prefill for generation needs one row, not (tokens x vocab)."""
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
         if labels is not None:
             use_cache = False
@@ -133,7 +136,7 @@ class MegaForCausalLM(_LMHeadModel, MegaGenerationMixin):
         result = CausalLMOutputWithCrossAttentions(past_key_values=outputs.past_key_values,
                                                    hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         if labels is None:
-            result.logits = self.lm_logits(hidden)
+            result.logits = self.lm_logits(hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden)
         else:
             # position t predicts token t+1; -100 marks positions without a target
             result.loss = self.lm_loss(hidden[:, :-1], labels[:, 1:])

@@ -137,3 +137,12 @@ def test_variants_train(config):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_logits_to_keep_computes_the_last_rows_only():
+    model = MegaForCausalLM(tiny_config(decoder=True)).eval()
+    ids = token_ids(2, 9)
+    full = model(ids).logits
+    last = model(ids, logits_to_keep=2).logits
+    assert last.shape == (2, 2, 97)
+    torch.testing.assert_close(last, full[:, -2:])

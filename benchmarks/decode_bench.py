@@ -1,0 +1,66 @@
+"""Per-token latency of cached greedy decoding against context length (MEGA's promise: flat with chunking).
+
+    .venv/bin/python benchmarks/decode_bench.py                       # contexts 1k, 8k, 64k; chunk 1024
+    .venv/bin/python benchmarks/decode_bench.py --contexts 1024 8192 --steps 64 --chunk 0   # unchunked, for contrast
+
+A causal MegaForCausalLM (default: the CPU anchor widths, H=256, 4 layers, z=64, v=512, N=16, vocab 32000) prefills
+a random context with the cache, then takes `--steps` single-token steps; the median step time is the per-token
+latency. With chunking a step attends to the open chunk only and the EMA carries the rest in a (B, D, N) state, so
+the latency must not grow with the context; without chunking it attends to the whole context and grows linearly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megatron_mega import MegaConfig, MegaForCausalLM
+
+
+def measure(model: MegaForCausalLM, context: int, steps: int, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, context), generator=generator)
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        prefill = time.perf_counter() - started
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - started)
+    return {"context": context, "prefill_s": prefill, "ms_per_token": 1000 * statistics.median(times),
+            "cached_keys": cache[0].key.shape[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 65536])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=1024, help="chunk size; 0 = no chunking")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = MegaConfig(vocab_size=32000, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                        intermediate_size=2 * args.hidden, nffn_hidden_size=args.hidden,
+                        shared_representation_size=args.hidden // 4, ema_projection_size=16,
+                        max_positions=max(args.contexts) + args.steps, is_decoder=True, bidirectional=False,
+                        use_chunking=args.chunk > 0, chunk_size=args.chunk if args.chunk > 0 else -1)
+    torch.manual_seed(0)
+    model = MegaForCausalLM(config).eval()
+    print(f"decode_bench: H={args.hidden} layers={args.layers} chunk={args.chunk or 'none'} threads={args.threads}")
+    print(f"{'context':>8} {'prefill s':>10} {'ms/token':>9} {'keys cached':>12}")
+    for context in args.contexts:
+        row = measure(model, context, args.steps)
+        print(f"{row['context']:8d} {row['prefill_s']:10.2f} {row['ms_per_token']:9.2f} {row['cached_keys']:12d}")
+
+
+if __name__ == "__main__":
+    main()
