@@ -139,7 +139,7 @@ class CheckpointConfig:
     load: Optional[str] = "auto"  # "auto": resume from dir's newest if there is one; a folder; or null
     save_final: bool = True
     universal: bool = False       # the checkpoint to load is a DeepSpeed universal checkpoint
-    exit_at_step: Optional[int] = None  # save and stop after this step (a run cut into time slots)
+    exit_at_step: Optional[int] = None  # save and stop when this step is reached (ignored when resumed past it)
 
     def __post_init__(self) -> None:
         _check(_is_int(self.interval) and self.interval >= 0,

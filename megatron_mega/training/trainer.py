@@ -356,6 +356,7 @@ class Trainer:
             while step < cfg.optim.train_steps:
                 lr = engine.get_lr()[0]
                 loss, norm = step_fn(engine, it, sampler, step, result)
+                self._check_grad_norm(norm, step + 1)
                 step += 1
                 window_steps += 1
                 result.losses[step] = loss
@@ -379,7 +380,7 @@ class Trainer:
                     writer.log_eval(step, "valid", loss_v)
                     window_start = time.perf_counter()
                 signal_now = self._all_max(1.0 if self.stop.requested else 0.0) > 0
-                exit_now = ck.exit_at_step is not None and step >= ck.exit_at_step
+                exit_now = ck.exit_at_step is not None and step == ck.exit_at_step
                 if signal_now or exit_now:
                     result.stopped = "signal" if signal_now else "exit_at_step"
                     break
@@ -401,6 +402,17 @@ class Trainer:
         result.tokens_per_s = sum(rates) / len(rates) if rates else None
         self.engine = engine
         return result
+
+    def _check_grad_norm(self, norm: Optional[float], iteration: int) -> None:
+        """A non-finite gradient norm with a finite loss: bf16/fp16 optimizers skip such a step themselves; fp32
+        ones apply it, so the run stops after K in a row rather than train on a broken model."""
+        if norm is None or math.isfinite(norm):
+            self._bad_norms = 0
+            return
+        self._bad_norms = getattr(self, "_bad_norms", 0) + 1
+        self.log(f"iteration {iteration}: non-finite gradient norm ({self._bad_norms} in a row)")
+        if self._bad_norms >= self.config.optim.max_nonfinite_in_a_row:
+            raise TrainingAborted(f"{self._bad_norms} non-finite gradient norms in a row at iteration {iteration}")
 
     def _reseed(self, step: int) -> None:
         seed = (self.config.seed * 1_000_003 + step * 9973 + self.context.rank) % (2 ** 31)
