@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The main job: set up the environment, then run the pipeline on this machine.
-# (Until data preparation, training and conversion land, the pipeline is the model demo: build a MEGA from
-# configs/model/tiny.yaml, save it in Hugging Face format and load it into all six heads.)
+# The main job: set up the environment, then run the whole pipeline on this machine (python -m launch.quickstart):
+# embedded corpus -> tokenizer -> tokenized dataset -> DeepSpeed pretraining on 2 local processes -> validation
+# perplexity -> Hugging Face conversion -> all six heads -> greedy sample and a summary table.
+# Rerunning skips finished phases and resumes training from its checkpoint. Options: --help (e.g. --steps 40,
+# --corpus 'my/*.jsonl', --fresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
-exec .venv/bin/megatron-mega demo --config configs/model/tiny.yaml --output-dir runs/quickstart "$@"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec .venv/bin/python -m launch.quickstart "$@"

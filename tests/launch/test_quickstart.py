@@ -1,0 +1,67 @@
+"""The quickstart's phases at a reduced size (tiny model, 12 steps, a 300k-character corpus): every phase runs,
+the converted checkpoint loads into all six heads, and a rerun skips everything instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _quickstart(run_dir, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launch.quickstart", "--run-dir", str(run_dir), "--steps", "12",
+                           "--max-corpus-chars", "300000", "--config", os.path.join(ROOT, "configs/train/tiny.yaml"),
+                           "--new-tokens", "8", *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_quickstart_reduced_then_rerun_skips(tmp_path):
+    run_dir = tmp_path / "qs"
+    first = _quickstart(run_dir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    state = json.loads((run_dir / "quickstart.json").read_text())
+    assert state["corpus"]["documents"] > 10
+    assert state["tokenize"]["tokens"] > 50_000
+    assert state["train"]["steps"] == 12 and state["train"]["tokens_per_s"] > 0
+    step, loss = state["train"]["valid"]
+    assert step == 12 and 0 < loss < 9
+    names = [row[0] for row in state["heads"]["heads"]]
+    assert names == ["MegaForCausalLM", "MegaForMaskedLM", "MegaForSequenceClassification", "MegaForMultipleChoice",
+                     "MegaForTokenClassification", "MegaForQuestionAnswering"]
+    assert all(row[1] > 0 for row in state["heads"]["heads"])   # every head loaded trained tensors
+    assert state["heads"]["heads"][0][2] == 0                    # the causal LM: nothing newly initialised
+    assert os.path.isdir(run_dir / "checkpoints" / "step00000012")
+    assert "=== summary" in first.stdout and "perplexity" in first.stdout
+    assert "torch.distributed.run --nproc_per_node=2 --standalone" in first.stdout
+
+    again = _quickstart(run_dir)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already done") == 5  # corpus, tokenizer, tokenize, train, convert
+    assert "iteration" not in again.stdout.split("=== [5/7]")[0].split("=== [4/7]")[1]
+
+
+def test_quickstart_resumes_an_interrupted_training(tmp_path):
+    """Training killed after its first checkpoint: the rerun resumes from it (the trainer logs 'resumed from')."""
+    run_dir = tmp_path / "qs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "launch.quickstart", "--run-dir", str(run_dir), "--steps", "12",
+           "--max-corpus-chars", "200000", "--config", os.path.join(ROOT, "configs/train/tiny.yaml"),
+           "checkpoint.interval=4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "saved checkpoint" in line and "step00000004" in line:
+            os.killpg(proc.pid, 9)  # the whole quickstart, torchrun and its workers: a crash, not a clean stop
+            break
+    proc.wait(timeout=60)
+    assert any("step00000004" in line for line in seen), "".join(seen)[-3000:]
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "at iteration 4" in again.stdout
+    assert json.loads((run_dir / "quickstart.json").read_text())["train"]["valid"][0] == 12
