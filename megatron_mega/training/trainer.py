@@ -331,6 +331,7 @@ class Trainer:
         step, sampler_state = 0, None
         if tag is not None:
             state = checkpointing.load(engine, load_dir, ctx.rank, tag)
+            self._sync_lr(engine)
             step, sampler_state = state["step"], state["sampler"]
             result.resumed_from = step
             if state.get("_rng_missing"):
@@ -402,6 +403,16 @@ class Trainer:
         result.tokens_per_s = sum(rates) / len(rates) if rates else None
         self.engine = engine
         return result
+
+    @staticmethod
+    def _sync_lr(engine) -> None:
+        """DeepSpeed restores the optimizer's param groups (their saved lr) after the schedule's step count, so a
+        resumed run with a changed schedule would take one step at the old rate: set the schedule's rate now (the
+        same number when nothing changed)."""
+        scheduler = engine.lr_scheduler
+        if scheduler is not None:
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+                group["lr"] = lr
 
     def _check_grad_norm(self, norm: Optional[float], iteration: int) -> None:
         """A non-finite gradient norm with a finite loss: bf16/fp16 optimizers skip such a step themselves; fp32
