@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_mega.convert.commands import add_commands as add_convert_commands
     from megatron_mega.finetune.commands import add_commands as add_finetune_commands
     from megatron_mega.training.commands import add_commands as add_train_commands
+    from launch.commands import add_commands as add_launch_commands
 
     add_prepare_command(commands)
     add_train_commands(commands)
     add_convert_commands(commands)
     add_finetune_commands(commands)
+    add_launch_commands(commands)
     return parser
 
 

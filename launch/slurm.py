@@ -1,0 +1,233 @@
+"""SLURM batch scripts from a training config: render, print (--dry-run) or submit with sbatch.
+
+Training job (`render_train_script`):
+- `--launcher torchrun` (default): `srun` starts one torchrun per node (`--ntasks-per-node=1`); the torchruns meet in a
+  c10d rendezvous on the first node of `scontrol show hostnames $SLURM_JOB_NODELIST`, each starts
+  `--procs-per-node` workers. `--launcher direct`: `srun` starts one task per process and the trainer reads its rank
+  from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (megatron_mega.training.distributed), MASTER_ADDR = the first node.
+- Preemption: `#SBATCH --signal=B:USR1@N` asks SLURM to signal the batch shell N seconds before the time limit. The
+  script's trap forwards SIGTERM to srun (which hands it to the launchers and workers); the trainer finishes its
+  step, saves a checkpoint and exits 0; the script then runs `scontrol requeue $SLURM_JOB_ID`, and the requeued job
+  resumes from checkpoint.dir automatically. A preempted job that already finished training is not requeued.
+- Failure: the script exits with srun's exit code when srun fails, so the job is FAILED, never COMPLETED.
+- Logs: LOG_DIR/NAME-JOBID.out (the batch script: resolved config, the command, exit status; appended across
+  requeues) and LOG_DIR/NAME-JOBID/node<N>-task<T>.out per srun task (torchrun prefixes each worker's lines with
+  its local rank; with `direct` the task id is the rank).
+
+Data preparation (`render_prepare_scripts`): an array job, one task per input part (`prepare tokenize --num-jobs K`,
+the task index from SLURM_ARRAY_TASK_ID), and a merge job submitted with `--dependency=afterok:ARRAY_ID`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from launch.local import TRAIN_MODULE, train_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SlurmError(RuntimeError):
+    pass
+
+
+@dataclass
+class JobResources:
+    """What the job asks SLURM for, and how its environment is set up."""
+
+    job_name: str = "mega-train"
+    nodes: int = 1
+    procs_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: Optional[int] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: Optional[str] = None
+    mem: Optional[str] = None
+    log_dir: str = "runs/slurm"
+    workdir: str = ROOT
+    venv: Optional[str] = None
+    container: Optional[str] = None
+    container_mounts: Optional[str] = None
+    setup: list = field(default_factory=list)
+    python: str = "python"
+    extra_sbatch: list = field(default_factory=list)
+
+
+def _q(value: str) -> str:
+    return shlex.quote(str(value))
+
+
+def _sbatch_lines(res: JobResources, ntasks_per_node: int, output: str) -> list[str]:
+    lines = [f"#SBATCH --job-name={res.job_name}", f"#SBATCH --nodes={res.nodes}",
+             f"#SBATCH --ntasks-per-node={ntasks_per_node}", f"#SBATCH --output={output}",
+             "#SBATCH --open-mode=append"]
+    if res.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={res.gpus_per_node}")
+    if res.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={res.cpus_per_task}")
+    for flag, value in (("partition", res.partition), ("account", res.account), ("time", res.time),
+                        ("mem", res.mem)):
+        if value:
+            lines.append(f"#SBATCH --{flag}={value}")
+    lines += [f"#SBATCH {arg}" for arg in res.extra_sbatch]
+    return lines
+
+
+def _environment_lines(res: JobResources, threads: Optional[int]) -> list[str]:
+    lines = [f"cd {_q(res.workdir)}"]
+    lines += list(res.setup)
+    if res.venv and not res.container:
+        lines.append(f"source {_q(os.path.join(res.venv, 'bin', 'activate'))}")
+    lines.append(f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads or 1}}}")
+    lines.append("export PYTHONUNBUFFERED=1")
+    if not res.gpus_per_node:
+        lines.append("export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}")
+    return lines
+
+
+def _srun_container(res: JobResources) -> list[str]:
+    if not res.container:
+        return []
+    args = [f"--container-image={res.container}", f"--container-workdir={res.workdir}"]
+    if res.container_mounts:
+        args.append(f"--container-mounts={res.container_mounts}")
+    return args
+
+
+def render_train_script(config: str, overrides: Sequence[str], res: JobResources, *, launcher: str = "torchrun",
+                        signal_before_s: int = 120, requeue: bool = True, resolved_config: str = "") -> str:
+    """The sbatch script for a training run (see the module docstring)."""
+    if launcher not in ("torchrun", "direct"):
+        raise SlurmError(f"--launcher {launcher!r}: torchrun or direct")
+    procs = res.gpus_per_node or res.procs_per_node
+    world = res.nodes * procs
+    log_dir = os.path.abspath(os.path.join(res.workdir, res.log_dir))
+    ntasks_per_node = 1 if launcher == "torchrun" else procs
+    head = ["#!/bin/bash", *_sbatch_lines(res, ntasks_per_node, f"{log_dir}/%x-%j.out")]
+    if signal_before_s:
+        head.append(f"#SBATCH --signal=B:USR1@{signal_before_s}")
+    head.append("#SBATCH --requeue" if requeue else "#SBATCH --no-requeue")
+    if launcher == "torchrun":
+        cmd = train_command(config, overrides, procs, python=res.python, nnodes=res.nodes,
+                            rdzv_endpoint="$MASTER_ADDR:$RDZV_PORT", rdzv_id="$SLURM_JOB_ID")
+        # torchrun prefixes each worker's lines with its rank ("[default0]:") so a node's log stays readable
+        cmd.insert(cmd.index("-m", 2), "--tee=3")
+    else:
+        cmd = train_command(config, overrides, python=res.python, launcher="direct")
+    # $VARS must expand in the script: quote everything else
+    train = " ".join(part if part.startswith("--rdzv") else _q(part) for part in cmd)
+    threads = res.cpus_per_task // procs if res.cpus_per_task and launcher == "torchrun" else res.cpus_per_task
+    body = [
+        "# generated by `megatron-mega slurm train`; edit the config and regenerate rather than this file",
+        "set -uo pipefail", *_environment_lines(res, max(1, threads or 1)),
+        f"LOG_DIR={_q(log_dir)}",
+        'RUN_LOGS="$LOG_DIR/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"',
+        'mkdir -p "$RUN_LOGS"',
+        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        "RDZV_PORT=$((MASTER_PORT + 1))",
+        'echo "=== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date -Is); '
+        f'{res.nodes} node(s) x {procs} process(es) = world {world}, launcher {launcher}; '
+        'master $MASTER_ADDR:$MASTER_PORT"',
+        "cat <<'MEGA_RESOLVED_CONFIG'",
+        "# resolved training config",
+        resolved_config.rstrip("\n"),
+        "MEGA_RESOLVED_CONFIG",
+        "",
+        "PREEMPTED=0",
+        "on_signal() {  # SLURM's --signal before the time limit, or scancel --signal=USR1 --batch",
+        '  [ "$PREEMPTED" = 1 ] && return',
+        "  PREEMPTED=1",
+        '  echo "=== $(date -Is) caught a signal: asking the training to checkpoint and stop"',
+        "  # SIGTERM to the job steps' processes (not to srun: srun would kill its tasks at once). torchrun passes",
+        "  # it on to its workers and waits for them; the trainer finishes its step, saves and exits 0.",
+        '  scancel --signal=TERM "$SLURM_JOB_ID"',
+        "}",
+        "trap on_signal USR1 TERM",
+        "",
+        f"SRUN=(srun --kill-on-bad-exit=1 --open-mode=append --ntasks-per-node={ntasks_per_node} "
+        f"{' '.join(_q(a) for a in _srun_container(res))} "
+        '--output="$RUN_LOGS/node%n-task%t.out")',
+        f"TRAIN=({train})",
+        'echo "+ ${SRUN[*]} ${TRAIN[*]}"',
+        '"${SRUN[@]}" "${TRAIN[@]}" &',
+        "SRUN_PID=$!",
+        "while true; do",
+        '  wait "$SRUN_PID"; rc=$?',
+        '  kill -0 "$SRUN_PID" 2>/dev/null || break   # wait returned because of the trap: keep waiting',
+        "done",
+        'echo "=== $(date -Is) srun exited with $rc"',
+        'if [ "$PREEMPTED" = 1 ]; then',
+        '  if grep -qs "stopped: finished" "$RUN_LOGS"/node0-task0.out && [ "$rc" = 0 ]; then',
+        '    echo "=== training had already finished: not requeued"; exit 0',
+        "  fi",
+        *(['  echo "=== requeueing job $SLURM_JOB_ID; it resumes from the checkpoint"',
+           '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+           '  echo "=== scontrol requeue failed" >&2; exit 1'] if requeue else
+          ['  echo "=== stopped with a checkpoint (--no-requeue: resubmit to resume)"; exit 0']),
+        "fi",
+        'if [ "$rc" != 0 ]; then echo "=== training failed (srun exit code $rc)" >&2; exit "$rc"; fi',
+        'echo "=== training finished"',
+    ]
+    return "\n".join(head + [""] + body) + "\n"
+
+
+def render_prepare_scripts(inputs: Sequence[str], output: str, tokenizer: str, res: JobResources, *,
+                           num_jobs: Optional[int] = None, workers: int = 1,
+                           tokenize_args: Sequence[str] = (), reshard: bool = False) -> tuple[str, str]:
+    """(array script, merge script): `prepare tokenize --num-jobs K` as an array of K tasks, then `prepare merge`."""
+    k = num_jobs or max(1, len(inputs))
+    log_dir = os.path.abspath(os.path.join(res.workdir, res.log_dir))
+    cli = [res.python, "-m", "megatron_mega.cli", "prepare"]
+    tok = [*cli, "tokenize", *inputs, "--output", output, "--tokenizer", tokenizer, "--num-jobs", str(k),
+           "--workers", str(workers), "--no-progress", *tokenize_args]
+    array_res = JobResources(**{**res.__dict__, "nodes": 1, "job_name": f"{res.job_name}-tokenize"})
+    array = ["#!/bin/bash", *_sbatch_lines(array_res, 1, f"{log_dir}/%x-%A_%a.out"), f"#SBATCH --array=0-{k - 1}",
+             "# generated by `megatron-mega slurm prepare`: one task per input part",
+             "set -euo pipefail", *_environment_lines(res, workers),
+             'echo "=== array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on $SLURMD_NODENAME"',
+             f"CMD=({' '.join(_q(c) for c in tok)})", 'echo "+ ${CMD[*]}"', '"${CMD[@]}"']
+    merge_res = JobResources(**{**res.__dict__, "nodes": 1, "job_name": f"{res.job_name}-merge"})
+    merge = ["#!/bin/bash", *_sbatch_lines(merge_res, 1, f"{log_dir}/%x-%j.out"),
+             "# generated by `megatron-mega slurm prepare`: runs after every array task succeeded",
+             "set -euo pipefail", *_environment_lines(res, 1),
+             f"CMD=({' '.join(_q(c) for c in [*cli, 'merge', output, *(['--reshard'] if reshard else [])])})", 'echo "+ ${CMD[*]}"', '"${CMD[@]}"']
+    return "\n".join(array) + "\n", "\n".join(merge) + "\n"
+
+
+def sbatch(script_path: str, *args: str, env: Optional[dict] = None) -> str:
+    """Submit; return the job id. The log folder (from the script's --output line) is created first: SLURM
+    cannot open an output file in a missing folder (the job then fails at once with exit code 0:53)."""
+    with open(script_path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("#SBATCH --output="):
+                os.makedirs(os.path.dirname(line.split("=", 1)[1].strip()), exist_ok=True)
+    try:
+        out = subprocess.run(["sbatch", "--parsable", *args, script_path], capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise SlurmError("sbatch not found: run this on a SLURM login node (or use --dry-run)") from None
+    if out.returncode != 0:
+        raise SlurmError(f"sbatch {script_path} failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def write_script(text: str, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
+def default_venv() -> Optional[str]:
+    return sys.prefix if sys.prefix != sys.base_prefix else None
+
+
+__all__ = ["JobResources", "SlurmError", "render_train_script", "render_prepare_scripts", "sbatch", "write_script",
+           "TRAIN_MODULE"]
