@@ -115,6 +115,9 @@ def world2(tiny_dict, tmp_path_factory):
         # 12: SIGUSR1 on rank 0 during step 2
         job(tiny_dict, "signal", {"signal_at": [1, 0], "signum": int(signal.SIGUSR1)},
             checkpoint__dir=str(out / "usr1"), **steps),
+        # 13, 14: ZeRO-3 stopped at step 3 and resumed (same layout)
+        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "z3"), checkpoint__exit_at_step=3, **steps),
+        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "z3"), **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -150,6 +153,12 @@ def test_exact_resume(world2):
     # keep_last=2: the older checkpoints of the full run were deleted once newer ones were complete
     assert sorted(n for n in os.listdir(out / "full") if n.startswith("step")) == ["step00000004", "step00000006"]
     assert (out / "full" / "latest").read_text().strip() == "step00000006"
+
+
+def test_exact_resume_zero3(world2):
+    results, _ = world2
+    full, cut, resumed = results[3], results[13], results[14]
+    assert losses(cut) + [resumed["losses"][str(s)] for s in (4, 5, 6)] == losses(full)
 
 
 def test_sigterm_finishes_the_step_saves_and_stops(world2):
