@@ -1,7 +1,7 @@
 """The model demo: build a MEGA from a YAML config, save it in Hugging Face format, load it into all six heads.
 
-It is the main job until the full pipeline (prepare, train, convert) lands; it proves the checkpoint format and the
-heads on this machine in seconds.
+No training: it proves the checkpoint format and the heads in seconds. The main job (`bash launch/quickstart.sh`,
+launch/quickstart.py) runs the full pipeline: corpus, tokenizer, DeepSpeed pretraining, conversion, the six heads.
 """
 
 from __future__ import annotations
