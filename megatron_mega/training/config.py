@@ -140,6 +140,7 @@ class CheckpointConfig:
     save_final: bool = True
     universal: bool = False       # the checkpoint to load is a DeepSpeed universal checkpoint
     exit_at_step: Optional[int] = None  # save and stop when this step is reached (ignored when resumed past it)
+    init_from_hf: Optional[str] = None  # a Hugging Face-format MEGA directory whose weights start a fresh run
 
     def __post_init__(self) -> None:
         _check(_is_int(self.interval) and self.interval >= 0,

@@ -77,13 +77,16 @@ def split_batch(batch: dict[str, torch.Tensor], objective: str) -> tuple[torch.T
     return batch["input_ids"], batch["labels"]
 
 
-def build_model(config: TrainConfig) -> nn.Module:
-    """The same initial weights on every rank and whatever the layout: built under the config's seed."""
+def build_model(config: TrainConfig, init_state: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+    """The same initial weights on every rank and whatever the layout: built under the config's seed, or
+    `init_state` (a complete LM state dict, e.g. from `checkpoint.init_from_hf`)."""
     from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
 
     torch.manual_seed(config.seed)
     cls = MegaForCausalLM if config.objective == "causal" else MegaForMaskedLM
     lm = cls(config.model)
+    if init_state is not None:
+        lm.load_state_dict(init_state)
     if config.parallel.activation_checkpointing:
         lm.gradient_checkpointing_enable()
     return LMLoss(lm, config.objective)
@@ -139,11 +142,13 @@ class Trainer:
                                    f"{splits.tokenizer.vocab_size}")
         return splits
 
-    def _pipeline_module(self) -> nn.Module:
+    def _pipeline_module(self, init_state: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
         from megatron_mega.parallel import build_pipeline_module
 
         cfg = self.config
         kwargs = {} if cfg.parallel.partition_method is None else {"partition_method": cfg.parallel.partition_method}
+        if init_state is not None:
+            kwargs["init_state"] = init_state
         return build_pipeline_module(cfg.model, cfg.parallel.pipeline_stages, objective=cfg.objective,
                                      activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
                                      seed=cfg.seed, **kwargs)
@@ -330,7 +335,14 @@ class Trainer:
             if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
                 raise TrainConfigError(f"data.paths: {load_dir}/{tag} was trained on data tokenized with tokenizer "
                                        f"sha256 {saved_sha[:12]}…, the configured data uses {tokenizer_sha[:12]}…")
-        engine = self._engine(self._pipeline_module() if self.pipeline else build_model(cfg), universal)
+        init_state = None
+        if tag is None and ck.init_from_hf:
+            from megatron_mega.convert.hf_import import initial_lm_state
+
+            init_state = initial_lm_state(ck.init_from_hf, cfg.model, cfg.objective, cfg.seed)
+            self.log(f"starting from the weights of {ck.init_from_hf}")
+        engine = self._engine(self._pipeline_module(init_state) if self.pipeline else build_model(cfg, init_state),
+                              universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
         step, sampler_state = 0, None

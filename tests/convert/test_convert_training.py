@@ -27,7 +27,16 @@ STEPS = dict(optim__train_steps=4, optim__global_batch_size=4, optim__micro_batc
 @pytest.fixture(scope="module")
 def runs(tiny_dict, tmp_path_factory):
     out = tmp_path_factory.mktemp("convert-runs")
-    dirs = {name: str(out / name) for name in ("zero0", "zero3", "pipe", "mlm")}
+    dirs = {name: str(out / name) for name in ("zero0", "zero3", "pipe", "mlm", "from_hf", "hf_source")}
+    # a Hugging Face directory to continue pretraining from, under a pipeline layout
+    from megatron_mega import MegaConfig
+
+    torch.manual_seed(7)
+    source = MegaForCausalLM(MegaConfig(**tiny_dict["model"]))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    source.save_pretrained(dirs["hf_source"])
     jobs = [
         job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=dirs["zero0"], **STEPS),
         job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=dirs["zero3"], **STEPS),
@@ -35,6 +44,11 @@ def runs(tiny_dict, tmp_path_factory):
             checkpoint__dir=dirs["mlm"], **STEPS),
         # last: a plain engine after a pipeline engine in the same process trips DeepSpeed's global state
         job(tiny_dict, parallel__pipeline_stages=2, parallel__zero_stage=1, checkpoint__dir=dirs["pipe"], **STEPS),
+        # one step at a negligible learning rate: the checkpoint holds the HF directory's weights
+        job(tiny_dict, parallel__pipeline_stages=2, parallel__zero_stage=1, checkpoint__dir=dirs["from_hf"],
+            checkpoint__init_from_hf=dirs["hf_source"], optim__train_steps=1, optim__lr=1e-9, optim__min_lr=0.0,
+            optim__warmup_steps=0, optim__weight_decay=0.0, optim__global_batch_size=4,
+            optim__micro_batch_size=2),
     ]
     run_jobs(2, jobs, str(out / "results"))
     return dirs
@@ -153,3 +167,14 @@ def test_finetuning_a_converted_checkpoint_beats_chance(runs, tmp_path):
                      num_labels=2, epochs=1, batch_size=16, lr=3e-3, max_length=64, seed=0, tokenizer=None,
                      output=None)
     assert run_finetune(args) == 2
+
+
+def test_hf_directory_becomes_a_pipeline_training_checkpoint(runs, tmp_path):
+    """HF dir -> pretraining continues under 2 pipeline stages -> its checkpoint -> HF dir: the same weights."""
+    weights = read_training_checkpoint(runs["from_hf"])
+    assert weights.layout["pipeline_stages"] == 2 and weights.step == 1
+    source = MegaForCausalLM.from_pretrained(runs["hf_source"]).state_dict()
+    assert set(weights.state) == set(source)
+    for name, tensor in source.items():
+        # one AdamW step at lr 1e-9 moves a weight by ~1e-9; a wrong mapping would move it by ~0.05
+        torch.testing.assert_close(weights.state[name], tensor, rtol=0, atol=1e-7, msg=name)
