@@ -45,11 +45,16 @@ def test_quickstart_reduced_then_rerun_skips(tmp_path):
 
 
 def test_quickstart_resumes_an_interrupted_training(tmp_path):
-    """Training killed after its first checkpoint: the rerun resumes from it (the trainer logs 'resumed from')."""
+    """On the user's own files (--corpus): training killed after its first checkpoint; the rerun resumes from it
+    (the trainer logs 'resumed from') instead of starting over."""
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "mine.jsonl"
+    corpus.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)), encoding="utf-8")
     run_dir = tmp_path / "qs"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "launch.quickstart", "--run-dir", str(run_dir), "--steps", "12",
-           "--max-corpus-chars", "200000", "--config", os.path.join(ROOT, "configs/train/tiny.yaml"),
+           "--corpus", str(corpus), "--config", os.path.join(ROOT, "configs/train/tiny.yaml"),
            "checkpoint.interval=4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -64,4 +69,6 @@ def test_quickstart_resumes_an_interrupted_training(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from" in again.stdout and "at iteration 4" in again.stdout
-    assert json.loads((run_dir / "quickstart.json").read_text())["train"]["valid"][0] == 12
+    state = json.loads((run_dir / "quickstart.json").read_text())
+    assert state["train"]["valid"][0] == 12 and state["tokenize"]["tokens"] > 50_000
+    assert not (run_dir / "corpus").exists()  # the embedded corpus was not written

@@ -146,3 +146,20 @@ def test_array_merge_does_not_run_when_a_task_fails(slurm_cluster, pydoc_dataset
     state, _, _ = slurm_cluster.wait(merge_id, 120)
     assert state != "COMPLETED"
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+@pytest.mark.skipif(os.environ.get("MEGA_SLURM_TIME_LIMIT_TEST") != "1",
+                    reason="~60 s and timing-dependent: SLURM itself sends --signal=B:USR1@45 in a 1-minute job "
+                           "(set MEGA_SLURM_TIME_LIMIT_TEST=1); the test above sends the same signal with scancel")
+def test_time_limit_signal_from_slurm(slurm_cluster, pydoc_dataset, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    job, batch_log, run_logs = _submit_train(
+        slurm_cluster, tmp_path, "limit", "--nodes", "2", "--time", "1", "--signal-before", "45",
+        overrides=_data(pydoc_dataset, ckpt, "checkpoint.interval=100000", "optim.train_steps=800",
+                        "logging.interval=50"))
+    state, exit_code, restarts = slurm_cluster.wait(job, 400)
+    log, ranks = _read(batch_log), _rank_logs(run_logs)
+    assert (state, exit_code) == ("COMPLETED", "0:0") and restarts >= 1, log + ranks
+    for stopped in re.findall(r"stopped by signal at iteration (\d+)", ranks):
+        assert f"resumed from {ckpt}/step{int(stopped):08d} at iteration {stopped}" in ranks
+    assert "done: iteration 800" in ranks
