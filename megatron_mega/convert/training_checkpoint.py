@@ -137,7 +137,8 @@ def _pipeline_weights(tag_dir: str, config: MegaConfig, objective: str) -> dict[
 
     try:
         model = plain_model_from_pipeline_checkpoint(tag_dir, config, objective=objective)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, KeyError) as err:
+        # a missing layer_XX-model_states.pt (an incomplete copy of the checkpoint) shows up as either
         raise TrainingCheckpointError(f"{tag_dir}: pipeline layer files missing ({err})") from None
     return {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
 

@@ -27,7 +27,8 @@ STEPS = dict(optim__train_steps=4, optim__global_batch_size=4, optim__micro_batc
 @pytest.fixture(scope="module")
 def runs(tiny_dict, tmp_path_factory):
     out = tmp_path_factory.mktemp("convert-runs")
-    dirs = {name: str(out / name) for name in ("zero0", "zero3", "pipe", "mlm", "from_hf", "hf_source")}
+    dirs = {name: str(out / name) for name in ("zero0", "zero1", "zero2", "zero3", "pipe", "mlm", "from_hf",
+                                                "hf_source")}
     # a Hugging Face directory to continue pretraining from, under a pipeline layout
     from megatron_mega import MegaConfig
 
@@ -39,6 +40,8 @@ def runs(tiny_dict, tmp_path_factory):
     source.save_pretrained(dirs["hf_source"])
     jobs = [
         job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=dirs["zero0"], **STEPS),
+        job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=dirs["zero1"], **STEPS),
+        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=dirs["zero2"], **STEPS),
         job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=dirs["zero3"], **STEPS),
         job(tiny_dict, objective="mlm", model__is_decoder=False, model__bidirectional=True,
             checkpoint__dir=dirs["mlm"], **STEPS),
@@ -67,13 +70,13 @@ def hidden(directory: str, ids: torch.Tensor, cls=MegaForCausalLM) -> torch.Tens
 
 
 def test_every_layout_converts_to_the_same_model(runs, tmp_path):
-    for name in ("zero0", "zero3", "pipe"):
+    for name in ("zero0", "zero1", "zero2", "zero3", "pipe"):
         assert convert(runs[name], str(tmp_path / name)) == 0
         files = set(os.listdir(tmp_path / name))
         assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "README.md"} <= files
     ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = hidden(str(tmp_path / "zero0"), ids)
-    for name in ("zero3", "pipe"):
+    for name in ("zero1", "zero2", "zero3", "pipe"):
         torch.testing.assert_close(hidden(str(tmp_path / name), ids), reference, rtol=1e-4, atol=1e-5)
     # the weights moved away from initialisation: the comparison is not between untrained models
     torch.manual_seed(1234)
@@ -94,6 +97,25 @@ def test_an_earlier_step_and_bad_requests(runs, tmp_path, capsys):
     assert "latest" in capsys.readouterr().err
     with pytest.raises(TrainingCheckpointError):
         read_training_checkpoint(str(tmp_path / "missing"))
+
+
+def test_wrong_tokenizer_and_missing_pipeline_files_are_refused(runs, tmp_path, capsys, pydoc_dataset):
+    import shutil
+
+    from data_prep.train_tokenizer import TrainSettings, train
+
+    other = str(tmp_path / "other-tokenizer")
+    from pydoc_data.topics import topics
+
+    train([topics[k] for k in sorted(topics)], TrainSettings(vocab_size=1500, threads=2)).save(other)
+    assert convert(runs["zero0"], str(tmp_path / "t"), tokenizer=other) == 2
+    assert "is not the one the run trained with" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["pipe"], broken)
+    tag = (broken / "latest").read_text().strip()
+    next((broken / tag).glob("layer_01-model_states.pt")).unlink()
+    assert convert(str(broken), str(tmp_path / "b")) == 2
+    assert "layer" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def test_encoder_to_causal_is_refused_unless_asked(runs, tmp_path, capsys):
