@@ -93,16 +93,21 @@ def _input_args(args: argparse.Namespace, run_dir: str) -> tuple[list[str], Any]
     if not args.corpus:
         return [os.path.join(run_dir, "corpus", "embedded.jsonl")], ("embedded", args.max_corpus_chars)
     paths = [p for pattern in args.corpus for p in (sorted(glob.glob(pattern)) or [pattern]) if os.path.exists(p)]
-    if paths:
+    saved = len(paths) == 1 and os.path.isdir(paths[0]) and any(
+        os.path.exists(os.path.join(paths[0], f)) for f in ("dataset_dict.json", "state.json"))
+    if paths and not saved:
         stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths if os.path.isfile(p)]
         return (list(args.corpus) + ["--text-key", args.text_key, "--txt-unit", args.txt_unit],
                 ("files", args.corpus, stats, args.text_key, args.txt_unit))
     if len(args.corpus) != 1:
         raise SystemExit(f"quickstart: --corpus {args.corpus}: no such files (a `datasets` name is a single word)")
+    # a `datasets` name (datasets.load_dataset) or a save_to_disk folder
     extra = ["--hf-dataset", args.corpus[0], "--hf-split", args.hf_split, "--text-key", args.text_key]
     if args.hf_config:
         extra += ["--hf-config", args.hf_config]
-    return extra, ("datasets", args.corpus[0], args.hf_config, args.hf_split, args.text_key)
+    if args.hf_data_files:
+        extra += ["--hf-data-files", *args.hf_data_files]
+    return extra, ("datasets", args.corpus[0], args.hf_config, args.hf_split, args.text_key, args.hf_data_files)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -276,8 +281,9 @@ def print_summary(data: dict, run_dir: str) -> None:
     for phase in ("corpus", "tokenizer", "tokenize", "train", "convert", "heads"):
         entry = data.get(phase, {})
         note = ""
-        if phase == "corpus" and "characters" in entry:
-            note = f"{entry['documents']} documents, {entry['characters']:,} characters"
+        if phase == "corpus":
+            note = (f"{entry['documents']} documents, {entry['characters']:,} characters" if "characters" in entry
+                    else "your corpus (--corpus)")
         if phase == "tokenize" and entry.get("tokens"):
             note = f"{entry['tokens']:,} tokens"
         if phase == "train":
@@ -306,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--txt-unit", default="file", choices=("file", "paragraph", "line"))
     p.add_argument("--hf-config", default=None, help="with a `datasets` name: its configuration")
     p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-data-files", nargs="+", default=None, help="with a `datasets` builder name such as json")
     p.add_argument("--max-corpus-chars", type=int, default=None, help="cap the embedded corpus (tests)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="training YAML (default configs/train/demo.yaml)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's, 300)")

@@ -72,3 +72,21 @@ def test_quickstart_resumes_an_interrupted_training(tmp_path):
     state = json.loads((run_dir / "quickstart.json").read_text())
     assert state["train"]["valid"][0] == 12 and state["tokenize"]["tokens"] > 50_000
     assert not (run_dir / "corpus").exists()  # the embedded corpus was not written
+
+
+def test_corpus_option_files_datasets_folder_or_name(tmp_path):
+    from launch.quickstart import _input_args, build_parser
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "state.json").write_text("{}")
+
+    def args_for(*corpus):
+        return _input_args(build_parser().parse_args(["--corpus", *corpus]), str(tmp_path / "run"))[0]
+
+    assert build_parser().parse_args([]).corpus is None
+    assert _input_args(build_parser().parse_args([]), "R")[0] == [os.path.join("R", "corpus", "embedded.jsonl")]
+    assert args_for(str(tmp_path / "*.jsonl"))[0] == str(tmp_path / "*.jsonl")
+    assert args_for(str(saved))[:2] == ["--hf-dataset", str(saved)]
+    assert args_for("wikitext")[:2] == ["--hf-dataset", "wikitext"]
