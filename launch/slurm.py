@@ -130,7 +130,8 @@ def render_train_script(config: str, overrides: Sequence[str], res: JobResources
         'RUN_LOGS="$LOG_DIR/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"',
         'mkdir -p "$RUN_LOGS"',
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        "# two ports per job id, so jobs sharing a node never collide (the store for --launcher direct, the rendezvous)",
+        "export MASTER_PORT=$((20000 + (SLURM_JOB_ID % 10000) * 2))",
         "RDZV_PORT=$((MASTER_PORT + 1))",
         'echo "=== job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST at $(date -Is); '
         f'{res.nodes} node(s) x {procs} process(es) = world {world}, launcher {launcher}; '
