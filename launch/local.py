@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 TRAIN_MODULE = "megatron_mega.training.commands"
@@ -66,17 +68,32 @@ def run_streaming(cmd: Sequence[str], log_path: Optional[str] = None, on_line: O
             log.write(f"$ {shlex.join(cmd)}\n")
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if echo:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            if log:
-                log.write(line)
-                log.flush()
-            if on_line:
-                on_line(line.rstrip("\n"))
-        return proc.wait()
+        # SIGTERM to this process (a kill, a scheduler) goes on to the child: torchrun hands it to its workers,
+        # which checkpoint and stop, instead of being orphaned
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM)) \
+            if main_thread else None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if log:
+                    log.write(line)
+                    log.flush()
+                if on_line:
+                    on_line(line.rstrip("\n"))
+            return proc.wait()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+            if proc.poll() is None:  # an exception here (Ctrl-C): stop the child too, and wait for it
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     finally:
         if log:
             log.close()
