@@ -76,11 +76,11 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
 
         torch.cuda.set_device(context.local_rank)  # one GPU per process, before NCCL starts
     import deepspeed
-    import deepspeed.ops
+
+    from megatron_mega.parallel.dist_setup import disable_shm_comm
 
     if not cpu_shm_allreduce:
-        # `__compatible_ops__` is one dict cached in the module (DeepSpeed documents that edits persist)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        disable_shm_comm()
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     return context
 
