@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mega.model.activations import get_activation
+from megatron_mega.model.dropout import dropout as dropout_fn
 
 
 def _masked_value(dtype: torch.dtype) -> float:
@@ -104,14 +105,28 @@ class ChunkedAttention(nn.Module):
         if key_mask is not None:
             padding = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, masked)
             scores_bias = scores_bias + padding.unsqueeze(2)
-        if not output_attentions:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, dropout_p=dropout,
-                                                 scale=self.scaling)
+        if not output_attentions and dropout == 0.0:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, scale=self.scaling)
             return out, None
-        scores = torch.matmul(q * self.scaling, k.transpose(-1, -2)) + scores_bias
+        # Explicit attention when training with attention dropout: SDPA's CPU kernels cannot drop, and its math
+        # fallback draws the mask with bernoulli_ and runs a NaN-guarding softmax (isneginf/all/where passes) that
+        # the finite masked value here does not need. The chunks are folded into the batch: one baddbmm adds bias
+        # and scaled scores in a single pass.
+        batch, chunks, n_query, n_key = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        q3, k3, v3 = (t.reshape(batch * chunks, t.shape[2], t.shape[3]) for t in (q, k, v))
+        if scores_bias.dim() == 4:
+            scores_bias = scores_bias.reshape(batch * chunks, n_query, n_key)
+        scores = torch.baddbmm(scores_bias, q3, k3.transpose(1, 2), alpha=self.scaling)
         weights = torch.softmax(scores, dim=-1)
-        out = torch.matmul(F.dropout(weights, dropout, self.training), v)
-        return out, weights
+        del scores
+        if dropout > 0.0:
+            # keep-mask of 0/1 (P(1) = 1 - dropout); the 1/(1-dropout) scale goes on the smaller output instead
+            keep = torch.rand(weights.shape, dtype=weights.dtype, device=weights.device).ge_(dropout)
+            out = torch.bmm(weights * keep, v3).mul_(1.0 / (1.0 - dropout))
+        else:
+            out = torch.bmm(weights, v3)
+        out = out.view(batch, chunks, n_query, v.shape[3])
+        return out, (weights.view(batch, chunks, n_query, n_key) if output_attentions else None)
 
     def _element(self, q, k, v, bias, future, key_mask, query_positions, dropout):
         # the number of visible keys normalises the scores (MEGA's length scaling for laplace / relu^2)
@@ -133,6 +148,6 @@ class ChunkedAttention(nn.Module):
         weights = self.element_activation(scores)
         if visible is not None:
             weights = weights * visible.to(weights.dtype)
-        out = torch.matmul(F.dropout(weights, dropout, self.training), v)
+        out = torch.matmul(dropout_fn(weights, dropout, self.training), v)
         return out, weights
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_mega.model.fft_conv import fft_convolution
+
 
 def _fft_size(n: int) -> int:
     """Smallest power of two >= n: the fastest transform length for pocketfft and cuFFT alike."""
@@ -77,6 +79,9 @@ class MegaMultiDimensionDampedEma(nn.Module):
         """x: (B, L, D); mask: (B, L), 1/True = token, 0/False = padding (zeroed before smoothing);
         state: (B, D, N) EMA state after the previous tokens. Returns silu(ema(x) + omega * x) and, when
         `return_state`, the state after the last token."""
+        # x * omega first, then the EMA added in place: the sum keeps x's (B, L, D) layout, where `residual + y`
+        # would take the layout of y, a transposed view out of the FFT, and hand a transposed tensor to everything
+        # downstream (each Linear would copy it first)
         residual = x * self.residual_weight
         # the FFT and the recurrence run in float32 for half precision inputs and in float64 for float64 inputs
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -93,7 +98,7 @@ class MegaMultiDimensionDampedEma(nn.Module):
                 raise RuntimeError(
                     "an EMA with `truncation` has no finite recurrent state; decode with use_cache=False")
             y, new_state = self._recurrent(u, state)
-        out = F.silu(y.to(x.dtype) + residual)
+        out = F.silu(residual.add_(y.to(x.dtype)))
         return out, new_state
 
     def _convolve(self, u: torch.Tensor) -> torch.Tensor:
@@ -106,17 +111,13 @@ class MegaMultiDimensionDampedEma(nn.Module):
         n = _fft_size(length + k_len - 1)
         if self.bidirectional:
             forward, backward = kernel[:dim], kernel[dim:]
-            full = u.new_zeros(dim, n)
-            full[:, :k_len] = forward
-            full[:, 0] += backward[:, 0]
-            if k_len > 1:
-                full[:, n - k_len + 1:] += backward[:, 1:].flip(-1)
-            kernel_f = torch.fft.rfft(full, n=n)
+            # built by concatenation rather than slice assignment into zeros: its backward is plain slicing
+            parts = [forward[:, :1] + backward[:, :1], forward[:, 1:],
+                     kernel.new_zeros(dim, n - 2 * k_len + 1), backward[:, 1:].flip(-1)]
+            full = torch.cat(parts, dim=1)
         else:
-            kernel_f = torch.fft.rfft(kernel, n=n)
-        u_f = torch.fft.rfft(u.transpose(1, 2), n=n)  # (B, D, n/2+1)
-        y = torch.fft.irfft(u_f * kernel_f, n=n)[..., :length]
-        return y.transpose(1, 2)
+            full = F.pad(kernel, (0, n - k_len))
+        return fft_convolution(u, full)
 
     def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal EMA continuing from `state`. u: (B, L, D); state: (B, D, N) or None."""

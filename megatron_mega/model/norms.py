@@ -10,6 +10,44 @@ import torch
 from torch import nn
 
 
+class _ScaleNormFunction(torch.autograd.Function):
+    """y = s * x * rsqrt(mean(x^2, last dim) + eps) with a hand-written backward.
+
+    Autograd of the plain expression saves x, x^2's mean, the scaled x and more, and walks full-size tensors about
+    ten times in backward; here forward takes two passes (a norm reduction that allocates no x^2, one multiply) and
+    backward three (a dot product per row, one multiply, one fused multiply-add), saving only x and the per-row
+    rsqrt:
+        r = rsqrt(mean(x^2) + eps),   dx = s * r * (g - x * r^2 * mean(g * x)),   ds = sum(g * x * r)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scalar, eps: float) -> torch.Tensor:
+        dim = x.shape[-1]
+        # ||x||^2 / D: a single reduction over x, no full-size x^2 temporary
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=x.dtype).square_().div_(dim)
+        rsqrt = mean_square.add_(eps).rsqrt_()
+        factor = rsqrt if scalar is None else rsqrt * scalar
+        ctx.save_for_backward(x, rsqrt, scalar)
+        ctx.has_scalar = scalar is not None
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rsqrt, scalar = ctx.saved_tensors
+        dim = x.shape[-1]
+        grad_x_prod = grad * x
+        row_dot = grad_x_prod.sum(dim=-1, keepdim=True)  # sum_d g * x, per row
+        grad_scalar = None
+        if ctx.has_scalar and ctx.needs_input_grad[1]:
+            grad_scalar = (row_dot * rsqrt).sum().reshape(scalar.shape)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            factor = rsqrt if scalar is None else rsqrt * scalar  # s * r
+            correction = factor * rsqrt.square() * row_dot / dim  # s * r^3 * mean(g * x)
+            # reuse the product's buffer: dx = g * (s r) - x * (s r^3 mean(g x))
+            grad_x = torch.mul(grad, factor, out=grad_x_prod).addcmul_(x, correction, value=-1.0)
+        return grad_x, grad_scalar, None
+
+
 class MegaScaleNorm(nn.Module):
     """x / rms(x) times one learned scalar (MEGA's default norm)."""
 
@@ -24,6 +62,8 @@ class MegaScaleNorm(nn.Module):
             self.register_parameter("scalar", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim in (-1, x.dim() - 1):
+            return _ScaleNormFunction.apply(x, self.scalar, self.eps)
         mean_square = torch.mean(torch.square(x), dim=self.dim, keepdim=True)
         if self.scalar is not None:
             x = self.scalar * x

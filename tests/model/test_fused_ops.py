@@ -1,0 +1,155 @@
+"""The hand-written autograd functions and the faster dropout: gradcheck in float64 at small sizes, and equality
+with the plain PyTorch expressions they replace (values and gradients)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_mega.model import lm_loss
+from megatron_mega.model.attention import ChunkedAttention
+from megatron_mega.model.dropout import MegaDropout, dropout, dropout_noise
+from megatron_mega.model.fft_conv import fft_convolution
+from megatron_mega.model.norms import MegaScaleNorm, _ScaleNormFunction
+from megatron_mega.model.positional_bias import MegaSimpleRelativePositionalBias
+from tests.helpers import tiny_config
+
+
+# ---------------------------------------------------------------------------------------------- FFT convolution
+def plain_fft_convolution(u, kernel):
+    n = kernel.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(kernel), n=n)
+    return y[..., :u.shape[1]].transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 16), (1, 1, 2, 1), (2, 4, 3, 7), (3, 6, 2, 12)])
+def test_fft_convolution_gradcheck_and_plain_path(shape):
+    batch, length, dim, n = shape
+    torch.manual_seed(0)
+    u = torch.randn(batch, length, dim, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(dim, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fft_convolution, (u, kernel))
+    out, ref = fft_convolution(u, kernel), plain_fft_convolution(u, kernel)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (u, kernel), grad), torch.autograd.grad(ref, (u, kernel), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fft_convolution_is_the_linear_convolution():
+    u = torch.randn(2, 6, 3, dtype=torch.float64)
+    kernel = torch.randn(3, 6, dtype=torch.float64)
+    out = fft_convolution(u, F.pad(kernel, (0, 10)))  # n = 16 >= L + K - 1
+    ref = torch.zeros_like(out)
+    for t in range(6):
+        for s in range(t + 1):
+            ref[:, t] += u[:, s] * kernel[:, t - s]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- scale norm
+@pytest.mark.parametrize("affine", [True, False])
+def test_scale_norm_function_gradcheck_and_plain_path(affine):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    scalar = torch.tensor([1.3], dtype=torch.float64, requires_grad=True) if affine else None
+    inputs = (x, scalar) if affine else (x,)
+    fn = (lambda x, s: _ScaleNormFunction.apply(x, s, 1e-5)) if affine else (
+        lambda x: _ScaleNormFunction.apply(x, None, 1e-5))
+    assert torch.autograd.gradcheck(fn, inputs)
+    out = fn(*inputs)
+    ref = x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + 1e-5)
+    if affine:
+        ref = scalar * ref
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_scale_norm_module_uses_the_function_and_keeps_other_dims():
+    norm = MegaScaleNorm(dim=-1, eps=1e-5).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x.requires_grad_()
+    assert "ScaleNormFunction" in type(norm(x).grad_fn).__name__
+    other = MegaScaleNorm(dim=1, eps=1e-5).double()  # not the last dim: the plain expression
+    torch.testing.assert_close(other(x), x * torch.rsqrt(torch.mean(x * x, 1, keepdim=True) + 1e-5))
+
+
+# ---------------------------------------------------------------------------------------------- dropout
+def test_dropout_noise_has_dropout_statistics():
+    torch.manual_seed(0)
+    p = 0.1
+    noise = dropout_noise(torch.empty(1_000_000), p)
+    zero, scaled = noise.unique().tolist()
+    assert zero == 0.0 and scaled == pytest.approx(1 / (1 - p))
+    kept = (noise > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / 1e6)  # 5 sigma
+    assert abs(noise.double().mean().item() - 1.0) < 0.01  # unbiased in expectation
+
+
+def test_dropout_gradient_is_the_mask_and_eval_is_identity():
+    x = torch.randn(4, 50, 8, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    out = dropout(x, 0.3)
+    torch.manual_seed(3)
+    noise = dropout_noise(x, 0.3)
+    torch.testing.assert_close(out, x * noise)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    torch.testing.assert_close(grad, noise)
+    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
+    module = MegaDropout(0.3).eval()
+    assert module(x) is x
+
+
+# ---------------------------------------------------------------------------------------------- attention with dropout
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_attention_with_dropout_equals_plain_expression(chunk, padded):
+    p = 0.25
+    config = tiny_config(attention_activation="softmax", relative_positional_bias="simple",
+                         use_chunking=chunk is not None, chunk_size=chunk or -1)
+    bias = MegaSimpleRelativePositionalBias(config).double()
+    torch.nn.init.normal_(bias.rel_pos_bias, std=0.5)
+    attention = ChunkedAttention(config, p).train()
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 8, 12, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[0, 6:] = False
+    torch.manual_seed(7)
+    out, _ = attention(q, k, v, mask, bias)
+
+    # the reference: per chunk, softmax(q k^T / sqrt(z) + bias + padding) with the same 0/1 mask, / (1 - p), @ v
+    c = chunk or 8
+    qc, kc, vc = (t.reshape(2 * (8 // c), c, t.shape[-1]) for t in (q, k, v))
+    positions = torch.arange(c)
+    scores = qc @ kc.transpose(1, 2) / math.sqrt(16) + bias(positions, positions)
+    if mask is not None:
+        padding = torch.zeros(2, 8, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min / 4)
+        scores = scores + padding.reshape(2 * (8 // c), 1, c)
+    torch.manual_seed(7)
+    keep = (torch.rand(scores.shape, dtype=torch.float64) >= p).double()
+    ref = ((torch.softmax(scores, -1) * keep / (1 - p)) @ vc).reshape(2, 8, 12)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    params = (q, k, v, bias.rel_pos_bias)
+    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- LM loss
+def test_linear_cross_entropy_at_unit_upstream_gradient_equals_cross_entropy():
+    hidden = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (7,))
+    out = lm_loss.linear_cross_entropy(hidden, weight, bias, targets)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (hidden, weight, bias)), torch.autograd.grad(ref, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
