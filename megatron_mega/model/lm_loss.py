@@ -17,6 +17,53 @@ import torch
 
 # ~32M logits per chunk: 128 MB in float32, large enough to keep the matrix multiplies efficient
 _CHUNK_ELEMENTS = 1 << 25
+# ~2M logits per vocabulary block (8 MB in float32): a block's exp and its first matrix multiply run in cache
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _chunk_loss_and_grads(h, weight, bias, targets, denom: int, acc, want_hidden: bool, want_params: bool):
+    """Summed loss of rows h (n, H) and, as asked, d(loss / denom) for h, and the per-block pieces of the weight and
+    bias gradients, computed block by block over the vocabulary.
+
+    The softmax is never normalised in a separate pass over the (n x vocab) logits: block j keeps
+    e_j = exp(logits_j - max_j) (computed in place, while the block is in cache) and the row factor
+    f_j = exp(max_j - lse) / denom turns it into the gradient, softmax_j / denom = f_j * e_j. The factors are
+    applied to the small operands instead: d h = sum_j f_j * (e_j @ W_j), d W_j = e_j^T @ (f_j * h),
+    d b_j = e_j^T @ f_j, and the one-hot part of (softmax - onehot) is subtracted at the target rows only.
+    Memory traffic over the logits: one write and one read, instead of some eight passes."""
+    n, vocab = h.shape[0], weight.shape[0]
+    cols = max(1, _BLOCK_ELEMENTS // n)
+    peaks, sums, hidden_parts, exps = [], [], [], []
+    for v0 in range(0, vocab, cols):
+        w = weight[v0:v0 + cols]
+        logits = torch.nn.functional.linear(h, w, None if bias is None else bias[v0:v0 + cols]).to(acc)
+        peak = logits.amax(dim=1, keepdim=True)
+        e = logits.sub_(peak).exp_()
+        peaks.append(peak)
+        sums.append(e.sum(dim=1, keepdim=True))
+        if want_hidden:
+            hidden_parts.append(e @ w.to(acc))
+        if want_params:
+            exps.append((v0, e))
+    peaks, sums = torch.cat(peaks, dim=1), torch.cat(sums, dim=1)  # (n, blocks)
+    peak = peaks.amax(dim=1, keepdim=True)
+    lse = peak + torch.log((sums * torch.exp(peaks - peak)).sum(dim=1, keepdim=True))  # (n, 1)
+    h_acc = h.to(acc)
+    target_rows = weight[targets].to(acc)
+    target_logits = (h_acc * target_rows).sum(dim=1)
+    if bias is not None:
+        target_logits = target_logits + bias[targets].to(acc)
+    loss_sum = (lse.squeeze(1) - target_logits).sum()
+    factors = torch.exp(peaks - lse).div_(denom)  # (n, blocks)
+    grad_h = None
+    if want_hidden:
+        grad_h = target_rows.mul_(-1.0 / denom)
+        for j, part in enumerate(hidden_parts):
+            grad_h.addcmul_(part, factors[:, j:j + 1])
+    weight_parts = []
+    for j, (v0, e) in enumerate(exps):
+        weight_parts.append((v0, e.t() @ (h_acc * factors[:, j:j + 1]), e.t() @ factors[:, j]))
+    return loss_sum, grad_h, weight_parts
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -28,37 +75,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
         needs = ctx.needs_input_grad
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        # the (vocab x hidden) gradients start as the first chunk's product rather than as zeros plus it: one pass
-        # over a 32 MB tensor less per step, as all rows usually fit in one chunk
-        want_weight, want_bias = needs[1], bias is not None and needs[2]
-        grad_weight = grad_bias = None
+        want_hidden, want_weight, want_bias = needs[0], needs[1], bias is not None and needs[2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        grad_bias = torch.empty(bias.shape, dtype=acc, device=bias.device) if want_bias else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, rows, chunk):
-            h = hidden[start:start + chunk]
             t = targets[start:start + chunk]
-            logits = torch.nn.functional.linear(h, weight, bias).to(acc)
-            target_logits = logits.gather(1, t[:, None]).squeeze(1)
-            # log-sum-exp by hand, in place, so that exp(logits - max) is computed once and becomes the softmax:
-            # torch.logsumexp followed by exp(logits - lse) walks the (rows x vocab) chunk twice as often and
-            # allocates another one
-            peak = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(peak).exp_()
-            sums = probs.sum(dim=-1, keepdim=True)
-            total += (peak + torch.log(sums)).sum() - target_logits.sum()
-            if grad_hidden is None and not want_weight and not want_bias:
-                continue
-            # d(mean loss)/d logits = (softmax - onehot) / rows
-            probs.mul_(sums.reciprocal_().div_(rows))
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0 / rows
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            if want_weight:
-                part = probs.t() @ h.to(acc)
-                grad_weight = part if grad_weight is None else grad_weight.add_(part)
-            if want_bias:
-                part = probs.sum(0)
-                grad_bias = part if grad_bias is None else grad_bias.add_(part)
+            loss_sum, grad_h, weight_parts = _chunk_loss_and_grads(
+                hidden[start:start + chunk], weight, bias, t, rows, acc, want_hidden, want_weight or want_bias)
+            total += loss_sum
+            if grad_h is not None:
+                grad_hidden[start:start + chunk] = grad_h.to(hidden.dtype)
+            first = start == 0
+            for v0, part_weight, part_bias in weight_parts:
+                # the first row chunk writes each block, later ones add to it: no zero-filled (vocab x H) start
+                if grad_weight is not None:
+                    block = grad_weight[v0:v0 + part_weight.shape[0]]
+                    block.copy_(part_weight) if first else block.add_(part_weight)
+                if grad_bias is not None:
+                    block = grad_bias[v0:v0 + part_bias.shape[0]]
+                    block.copy_(part_bias) if first else block.add_(part_bias)
+            # the one-hot part of (softmax - onehot) / rows, at the target rows only
+            if grad_weight is not None:
+                grad_weight.index_add_(0, t, hidden[start:start + chunk].to(acc), alpha=-1.0 / rows)
+            if grad_bias is not None:
+                grad_bias.index_add_(0, t, torch.full(t.shape, -1.0 / rows, dtype=acc, device=t.device))
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)

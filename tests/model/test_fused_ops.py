@@ -153,3 +153,24 @@ def test_linear_cross_entropy_at_unit_upstream_gradient_equals_cross_entropy():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(out, (hidden, weight, bias)), torch.autograd.grad(ref, (hidden, weight, bias))):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 50])
+def test_linear_cross_entropy_over_vocabulary_blocks_and_row_chunks(monkeypatch, blocks):
+    monkeypatch.setattr(lm_loss, "_CHUNK_ELEMENTS", 50 * 4)  # row chunks of 4 rows, the last one short
+    monkeypatch.setattr(lm_loss, "_BLOCK_ELEMENTS", 4 * blocks)  # vocabulary blocks of `blocks` words
+    hidden = torch.randn(11, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    targets[:3] = 7  # repeated targets: their one-hot parts add up
+    out = lm_loss.linear_cross_entropy(hidden, weight, bias, targets)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), targets)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    params = (hidden, weight, bias)
+    for a, b in zip(torch.autograd.grad(0.5 * out, params), torch.autograd.grad(0.5 * ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if blocks == 3:  # gradcheck differentiates numerically input by input: once is enough (and slow)
+        assert torch.autograd.gradcheck(lambda h, w, b: lm_loss.linear_cross_entropy(h, w, b, targets), params)
+    no_bias = lm_loss.linear_cross_entropy(hidden, weight, None, targets)
+    torch.testing.assert_close(no_bias, F.cross_entropy(F.linear(hidden, weight), targets), rtol=1e-12, atol=1e-12)
