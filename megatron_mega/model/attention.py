@@ -109,9 +109,9 @@ class ChunkedAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, scale=self.scaling)
             return out, None
         # Explicit attention when training with attention dropout: SDPA's CPU kernels cannot drop, and its math
-        # fallback draws the mask with bernoulli_ and runs a NaN-guarding softmax (isneginf/all/where passes) that
-        # the finite masked value here does not need. The chunks are folded into the batch: one baddbmm adds bias
-        # and scaled scores in a single pass.
+        # fallback draws a full mask with bernoulli_ (our dropout draws only the drops) and runs a NaN-guarding
+        # softmax (isneginf/all/where passes) that the finite masked value here does not need. The chunks are folded
+        # into the batch: one baddbmm adds bias and scaled scores in a single pass.
         batch, chunks, n_query, n_key = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         q3, k3, v3 = (t.reshape(batch * chunks, t.shape[2], t.shape[3]) for t in (q, k, v))
         if scores_bias.dim() == 4:
@@ -119,12 +119,7 @@ class ChunkedAttention(nn.Module):
         scores = torch.baddbmm(scores_bias, q3, k3.transpose(1, 2), alpha=self.scaling)
         weights = torch.softmax(scores, dim=-1)
         del scores
-        if dropout > 0.0:
-            # keep-mask of 0/1 (P(1) = 1 - dropout); the 1/(1-dropout) scale goes on the smaller output instead
-            keep = torch.rand(weights.shape, dtype=weights.dtype, device=weights.device).ge_(dropout)
-            out = torch.bmm(weights * keep, v3).mul_(1.0 / (1.0 - dropout))
-        else:
-            out = torch.bmm(weights, v3)
+        out = torch.bmm(dropout_fn(weights, dropout, self.training), v3)
         out = out.view(batch, chunks, n_query, v.shape[3])
         return out, (weights.view(batch, chunks, n_query, n_key) if output_attentions else None)
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from megatron_mega.model import lm_loss
 from megatron_mega.model.attention import ChunkedAttention
-from megatron_mega.model.dropout import MegaDropout, dropout, dropout_noise
+from megatron_mega.model import dropout as dropout_module
+from megatron_mega.model.dropout import MegaDropout, dropout, dropout_noise, dropped_positions
 from megatron_mega.model.fft_conv import fft_convolution
 from megatron_mega.model.norms import MegaScaleNorm, _ScaleNormFunction
 from megatron_mega.model.positional_bias import MegaSimpleRelativePositionalBias
@@ -78,36 +79,87 @@ def test_scale_norm_module_uses_the_function_and_keeps_other_dims():
 
 
 # ---------------------------------------------------------------------------------------------- dropout
+def reference_noise(shape, p, dtype=torch.float64):
+    """The multiplier our dropout applies after the same seed, from its two ways of drawing."""
+    if p <= dropout_module._GEOMETRIC_MAX_P:
+        keep = torch.ones(math.prod(shape), dtype=dtype)
+        keep[dropped_positions(keep.numel(), p)] = 0.0
+        return keep.view(shape) / (1 - p)
+    return dropout_noise(torch.empty(shape, dtype=dtype), p)
+
+
 def test_dropout_noise_has_dropout_statistics():
     torch.manual_seed(0)
-    p = 0.1
+    p = 0.3
     noise = dropout_noise(torch.empty(1_000_000), p)
     zero, scaled = noise.unique().tolist()
     assert zero == 0.0 and scaled == pytest.approx(1 / (1 - p))
     kept = (noise > 0).double().mean().item()
     assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / 1e6)  # 5 sigma
-    assert abs(noise.double().mean().item() - 1.0) < 0.01  # unbiased in expectation
 
 
-def test_dropout_gradient_is_the_mask_and_eval_is_identity():
-    x = torch.randn(4, 50, 8, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("p", [0.1, 0.25])
+def test_dropped_positions_are_iid_bernoulli(p):
+    torch.manual_seed(0)
+    n = 2_000_000
+    positions = dropped_positions(n, p)
+    assert positions.dtype == torch.int64 and bool((positions[1:] > positions[:-1]).all())
+    assert int(positions[0]) >= 0 and int(positions[-1]) < n
+    drops = torch.zeros(n, dtype=torch.bool)
+    drops[positions] = True
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(drops.double().mean().item() - p) < 5 * sigma
+    # independence of neighbours: P(drop at i+1 | drop at i) = p, and the gaps are geometric
+    after_drop = drops[1:][drops[:-1]].double().mean().item()
+    assert abs(after_drop - p) < 5 * math.sqrt(p * (1 - p) / (n * p))
+    gaps = (positions[1:] - positions[:-1] - 1).double()
+    assert abs(gaps.mean().item() - (1 - p) / p) < 5 * math.sqrt((1 - p) / p ** 2 / len(gaps))
+    for k in (0, 1, 5):
+        frac = (gaps == k).double().mean().item()
+        expected = (1 - p) ** k * p
+        assert abs(frac - expected) < 5 * math.sqrt(expected * (1 - expected) / len(gaps))
+
+
+def test_dropped_positions_draw_more_when_short(monkeypatch):
+    monkeypatch.setattr(dropout_module, "_draw_count", lambda mean, first: 3)  # far too few: many rounds
+    torch.manual_seed(1)
+    positions = dropped_positions(1000, 0.2)
+    assert bool((positions[1:] > positions[:-1]).all()) and int(positions[-1]) < 1000
+    assert 100 < len(positions) < 300
+    assert len(dropped_positions(0, 0.2)) == 0
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_gradient_is_the_mask_and_eval_is_identity(p):
+    x = torch.randn(4, 50, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()  # strided input too
     torch.manual_seed(3)
-    out = dropout(x, 0.3)
+    out = dropout(x, p)
     torch.manual_seed(3)
-    noise = dropout_noise(x, 0.3)
+    noise = reference_noise(x.shape, p)
     torch.testing.assert_close(out, x * noise)
-    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    torch.testing.assert_close(grad, noise)
-    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
-    module = MegaDropout(0.3).eval()
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    torch.testing.assert_close(grad, grad_out * noise)
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+    module = MegaDropout(p).eval()
     assert module(x) is x
 
 
+def test_dropout_gradcheck():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+
+    def fn(x):
+        torch.manual_seed(5)
+        return dropout(x, 0.2)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
 # ---------------------------------------------------------------------------------------------- attention with dropout
+@pytest.mark.parametrize("p", [0.25, 0.4])
 @pytest.mark.parametrize("chunk", [None, 4])
 @pytest.mark.parametrize("padded", [False, True])
-def test_training_attention_with_dropout_equals_plain_expression(chunk, padded):
-    p = 0.25
+def test_training_attention_with_dropout_equals_plain_expression(chunk, padded, p):
     config = tiny_config(attention_activation="softmax", relative_positional_bias="simple",
                          use_chunking=chunk is not None, chunk_size=chunk or -1)
     bias = MegaSimpleRelativePositionalBias(config).double()
@@ -124,7 +176,7 @@ def test_training_attention_with_dropout_equals_plain_expression(chunk, padded):
     torch.manual_seed(7)
     out, _ = attention(q, k, v, mask, bias)
 
-    # the reference: per chunk, softmax(q k^T / sqrt(z) + bias + padding) with the same 0/1 mask, / (1 - p), @ v
+    # the reference: per chunk, softmax(q k^T / sqrt(z) + bias + padding), dropped with the same draws, @ v
     c = chunk or 8
     qc, kc, vc = (t.reshape(2 * (8 // c), c, t.shape[-1]) for t in (q, k, v))
     positions = torch.arange(c)
@@ -133,8 +185,8 @@ def test_training_attention_with_dropout_equals_plain_expression(chunk, padded):
         padding = torch.zeros(2, 8, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min / 4)
         scores = scores + padding.reshape(2 * (8 // c), 1, c)
     torch.manual_seed(7)
-    keep = (torch.rand(scores.shape, dtype=torch.float64) >= p).double()
-    ref = ((torch.softmax(scores, -1) * keep / (1 - p)) @ vc).reshape(2, 8, 12)
+    noise = reference_noise(scores.shape, p)
+    ref = ((torch.softmax(scores, -1) * noise) @ vc).reshape(2, 8, 12)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(out)
     params = (q, k, v, bias.rel_pos_bias)
