@@ -200,3 +200,41 @@ def test_hf_directory_becomes_a_pipeline_training_checkpoint(runs, tmp_path):
     for name, tensor in source.items():
         # one AdamW step at lr 1e-9 moves a weight by ~1e-9; a wrong mapping would move it by ~0.05
         torch.testing.assert_close(weights.state[name], tensor, rtol=0, atol=1e-7, msg=name)
+
+
+def test_real_checkpoints_carry_the_format_version_and_damage_is_refused(runs, tmp_path, capsys):
+    """Every checkpoint the trainer writes is stamped (trainer_state.json and DeepSpeed's client state); a missing
+    ZeRO partition and a config that does not match the pipeline layer files are one clear error each."""
+    import shutil
+
+    from megatron_mega.training import checkpointing
+
+    for name in ("zero0", "zero3", "pipe"):
+        tag = open(os.path.join(runs[name], "latest")).read().strip()
+        state = json.loads(open(os.path.join(runs[name], tag, "trainer_state.json")).read())
+        assert state["format_version"] == checkpointing.FORMAT_VERSION, name
+    blob = torch.load(os.path.join(runs["zero0"], "step00000004", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert blob["format_version"] == checkpointing.FORMAT_VERSION
+
+    def one_line_error(checkpoint, *pieces):
+        out = tmp_path / "out"
+        assert convert(str(checkpoint), str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(p in err for p in pieces), err
+        assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+    zero = tmp_path / "zero3"
+    shutil.copytree(runs["zero3"], zero)
+    next((zero / "step00000004").glob("*rank_1*optim_states.pt")).unlink()
+    one_line_error(zero, "cannot reconstruct the ZeRO weights")
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(runs["pipe"], pipe)
+    state_file = pipe / "step00000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["intermediate_size"] = 48
+    state_file.write_text(json.dumps(state))
+    one_line_error(pipe, "trainer_state.json: its model config does not match the layer files", "size mismatch")
+    state["format_version"] = checkpointing.FORMAT_VERSION + 1
+    state_file.write_text(json.dumps(state))
+    one_line_error(pipe, "trainer_state.json: field 'format_version' is")
