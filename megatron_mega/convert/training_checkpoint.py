@@ -78,8 +78,8 @@ def _tag(directory: str, step: Optional[int]) -> str:
         raise TrainingCheckpointError(f"{directory}: not a directory")
     if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)):
         parent, name = os.path.split(directory)
-        hint = f" --step {int(name[len(checkpointing.TAG_PREFIX):])}" if name[len(checkpointing.TAG_PREFIX):].isdigit() \
-            else ""
+        number = name[len(checkpointing.TAG_PREFIX):]
+        hint = f" --step {int(number)}" if name.startswith(checkpointing.TAG_PREFIX) and number.isdigit() else ""
         raise TrainingCheckpointError(f"{directory}: one checkpoint of a run, not the run's checkpoint folder; pass "
                                       f"{parent}{hint}")
     if step is not None:
