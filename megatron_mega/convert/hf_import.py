@@ -20,6 +20,7 @@ import torch
 
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.pretrained import CheckpointError, read_state_dict
+from megatron_mega.training.config import TrainConfigError
 
 # the transformers major versions whose MEGA config.json / weight layout this code reads (MEGA was in 4.x only)
 SUPPORTED_TRANSFORMERS_MAJORS = (4,)
@@ -98,11 +99,25 @@ def check_hf_directory(directory: str) -> dict:
     return config
 
 
+class InitFromHFError(CheckpointError, TrainConfigError):
+    """checkpoint.init_from_hf names a directory that cannot start the run: `megatron-mega train` reports it as one
+    line, as it does any config error."""
+
+
 def initial_lm_state(directory: str, model_config: MegaConfig, objective: str, seed: int) -> dict[str, torch.Tensor]:
     """The complete state dict of the training LM (MegaForCausalLM / MegaForMaskedLM) starting from `directory`.
 
     Weights the directory lacks (e.g. the LM head of a classifier checkpoint) keep the seeded initialisation and
-    are logged."""
+    are logged. Raises InitFromHFError (a CheckpointError) naming the file and field of what it refuses."""
+    try:
+        return _initial_lm_state(directory, model_config, objective, seed)
+    except InitFromHFError:
+        raise
+    except CheckpointError as err:
+        raise InitFromHFError(f"checkpoint.init_from_hf: {err}") from None
+
+
+def _initial_lm_state(directory: str, model_config: MegaConfig, objective: str, seed: int) -> dict[str, torch.Tensor]:
     from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
 
     from megatron_mega.model.config import ConfigError

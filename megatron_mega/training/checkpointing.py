@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mega.atomic_io import atomic_write_text
+from megatron_mega.training.config import TrainConfigError
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
@@ -42,8 +43,9 @@ FORMAT_VERSION = 1
 FORMAT_FIELD = "format_version"
 
 
-class CheckpointFormatError(RuntimeError):
-    """A checkpoint written in a format this code does not read (a newer megatron_mega, or a damaged state file)."""
+class CheckpointFormatError(TrainConfigError, RuntimeError):
+    """A checkpoint written in a format this code does not read (a newer megatron_mega, or a damaged state file).
+    A TrainConfigError too: a run told to resume from it stops with this one line, before anything starts."""
 
 
 def tag_for(step: int) -> str:

@@ -300,3 +300,31 @@ def test_a_mismatched_architecture_names_file_and_fields(hf_dir, tiny):
     edit_config(hf_dir, hidden_size=32, chunk_size=0)
     with pytest.raises(CheckpointError, match="config.json: "):
         lm_state(hf_dir, tiny)
+
+
+# ---- the training command meets the same refusals before anything starts ---------------------------------------------
+
+def train_command(pydoc_dataset, *overrides) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_mega.training.commands", "--config", TINY,
+                           f"data.paths=[{pydoc_dataset['dataset']}]", f"tokenizer={pydoc_dataset['tokenizer']}",
+                           *overrides], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+def test_train_from_a_non_mega_directory_is_one_line(tmp_path, tiny, hf_dir, pydoc_dataset):
+    edit_config(hf_dir, model_type="bert")
+    done = train_command(pydoc_dataset, f"checkpoint.dir={tmp_path / 'ck'}", f"checkpoint.init_from_hf={hf_dir}",
+                         "optim.train_steps=0")
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.splitlines() if "error" in line]
+    assert lines == [f"megatron-mega: error: checkpoint.init_from_hf: {hf_dir}/config.json: field 'model_type' is "
+                     f"'bert', not 'mega'; not a MEGA model"], done.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_resuming_a_newer_format_is_one_line(tmp_path, tiny, pydoc_dataset):
+    run = write_run(tmp_path / "ck", tiny, format_version=checkpointing.FORMAT_VERSION + 1)
+    done = train_command(pydoc_dataset, f"checkpoint.dir={run}", "optim.train_steps=4")
+    assert done.returncode == 2, done
+    assert "trainer_state.json: field 'format_version' is 2, newer than" in done.stderr, done.stderr
+    assert sorted(os.listdir(run)) == ["latest", "step00000003"]
