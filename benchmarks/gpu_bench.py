@@ -124,7 +124,7 @@ def build_gpt(vocab: int = 32000, d: int = 1024, layers: int = 16, heads: int = 
 
 
 # ---------------------------------------------------------------------------------------------- one case
-def run_case(case: Case, peak_tflops: float, device_name: str = "cuda") -> dict:
+def run_case(case: Case, peak_tflops: float, device_name: str = "cuda", profile: bool = False) -> dict:
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -132,7 +132,8 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda") -> dict:
     device = torch.device(device_name)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    with device:
+    # transformers' MEGA makes some tensors without a device (CPU) inside forward when built under a device context
+    with device if case.impl != "hf" else nullcontext():
         if case.impl == "ours":
             from megatron_mega import MegaConfig, MegaForCausalLM
 
@@ -147,6 +148,7 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda") -> dict:
                               heads=max(1, ANCHOR["hidden_size"] // 64), ffn=4 * ANCHOR["hidden_size"])
         else:
             raise SystemExit(f"unknown impl {case.impl!r}")
+    model = model.to(device)
     if case.act_ckpt:
         model.gradient_checkpointing_enable()
     if case.precision == "bf16":
@@ -191,6 +193,14 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda") -> dict:
         sync()
         times.append(time.perf_counter() - begin)
     seconds = statistics.median(times)
+    if profile and cuda:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60),
+              flush=True)
     tokens = case.batch * case.seq
     row = {"case": case.name, **asdict(case), "params": params, "s_per_step": seconds,
            "tokens_per_s": tokens / seconds,
@@ -288,6 +298,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--budget-s", type=float, default=420.0, help="skip the plan's remaining cases after this")
     p.add_argument("--case-timeout", type=float, default=150.0)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--profile", action="store_true", help="worker: print the top kernels of one more step")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the plumbing (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="small widths instead of the anchor's (dry runs)")
     p.add_argument("--hf-python", default=None, help="interpreter with transformers 4.57.6 (default: this one)")
@@ -301,7 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     args.attention)
         case.steps = args.steps or case.steps
         case.warmup = args.warmup if args.warmup is not None else case.warmup
-        print(RESULT_MARKER + json.dumps(run_case(case, args.peak_tflops, args.device)), flush=True)
+        print(RESULT_MARKER + json.dumps(run_case(case, args.peak_tflops, args.device, args.profile)), flush=True)
         return 0
 
     cases = [parse_only(s) for s in args.only] if args.only else PLAN

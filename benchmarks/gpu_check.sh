@@ -4,6 +4,7 @@
 #   2. the training-step benchmark (benchmarks/gpu_bench.py: ours vs transformers 4.57.6 vs GPT+SDPA, long sequences)
 #   3. the quickstart on the GPU: DeepSpeed bf16 pretraining with NCCL, conversion, the six heads
 #   4. exact resume on the GPU path (benchmarks/resume_check.py)
+#   (profile: the top CUDA kernels of one step at 4x4096 chunk 1024; not in the default parts)
 #   5. cached decoding latency at 1k / 8k / 64k context (benchmarks/decode_bench.py)
 # Packages the machine lacks travel as wheels in .whl/ (gitignored; fetch them with `bash benchmarks/gpu_check.sh
 # --fetch-wheels` on a machine with PyPI): transformers 4.57.6 and its pins, DeepSpeed and its pydantic.
@@ -64,7 +65,9 @@ EOF
 for p in $PARTS; do
     case $p in
     tests) part tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda.py ;;
-    bench) part bench 270 python3 benchmarks/gpu_bench.py --budget-s 250 --json "$OUT/gpu_bench.json" ;;
+    bench) part bench 270 python3 benchmarks/gpu_bench.py --budget-s 250 --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-} ;;
+    profile) part profile 90 python3 benchmarks/gpu_bench.py --worker --impl ours --batch 4 --seq 4096 --chunk 1024 \
+                 --steps 2 --warmup 1 --profile ;;
     quickstart) part quickstart 180 python3 -m launch.quickstart --nproc 1 --steps 100 --run-dir /tmp/qs --fresh \
                     precision.dtype=bf16 ;;
     resume) part resume 120 python3 benchmarks/resume_check.py --data /tmp/qs/dataset --tokenizer /tmp/qs/tokenizer \

@@ -86,9 +86,10 @@ def test_cuda_forward_and_gradients_match_cpu(row):
     cpu_model(ids, attention_mask=mask, labels=labels).loss.backward()
     cuda_model(ids.to(CUDA), attention_mask=mask.to(CUDA), labels=labels.to(CUDA)).loss.backward()
     cuda_params = dict(cuda_model.named_parameters())
-    for name, param in cpu_model.named_parameters():
-        if param.grad is not None:
-            assert _rel(cuda_params[name].grad, param.grad) < 1e-4, name
+    errors = {name: _rel(cuda_params[name].grad, param.grad)
+              for name, param in cpu_model.named_parameters() if param.grad is not None}
+    worst = sorted(errors.items(), key=lambda item: -item[1])[:3]
+    assert worst[0][1] < 1e-4, worst
 
 
 def test_cuda_cached_decoding_matches_the_full_forward():
@@ -146,18 +147,25 @@ def test_cuda_linear_cross_entropy_matches_torch():
     assert _rel(grads[0], hidden.grad) < 1e-4 and _rel(grads[1], weight.grad) < 1e-4
 
 
-@pytest.mark.parametrize("row", ROWS[:3], ids=lambda r: "-".join(str(v) for v in r))
+# transformers is defective for chunked lengths that are not a multiple of the chunk (its defects 2, 3) and gives
+# NaN under left padding in a decoder; these rows stay clear of both
+HF_ROWS = [
+    ("softmax", "rotary", False, True, False),
+    ("laplace", "simple", True, False, True),
+    ("relu2", "rotary", False, False, False),
+]
+
+
+@pytest.mark.parametrize("row", HF_ROWS, ids=lambda r: "-".join(str(v) for v in r))
 def test_cuda_matches_transformers_on_the_device(row, tmp_path):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "MegaForCausalLM"):
         pytest.skip(f"transformers {transformers.__version__} has no MEGA (removed in 5.x; 4.57.6 has it)")
-    if row[2] and row[3]:
-        row = row[:2] + (False,) + row[3:]  # transformers' chunked decoder is defective off chunk multiples (2, 3)
     ours = _build(row, pad_token_id=1).to(CUDA).eval()
     ours.save_pretrained(tmp_path)
     cls = getattr(transformers, type(ours).__name__)
     theirs = cls.from_pretrained(tmp_path).to(CUDA).eval()
-    ids, mask = _inputs(row)
+    ids, mask = _inputs(row, length=40)
     real = mask.bool()
     with torch.no_grad():
         a = ours(ids.to(CUDA), attention_mask=mask.to(CUDA)).logits
