@@ -38,7 +38,9 @@ def slow_attention(q, k, v, key_mask, bias_fn, activation, causal, chunk):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk", [None, 5])
 @pytest.mark.parametrize("padded", [False, True])
-def test_chunked_attention_matches_slow_reference(activation, causal, chunk, padded):
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit"])
+def test_chunked_attention_matches_slow_reference(activation, causal, chunk, padded, explicit):
+    """`explicit` (the weights asked for) takes the matmul path that CUDA always takes, fused the CPU's SDPA."""
     config = tiny_config(attention_activation=activation, relative_positional_bias="simple",
                          use_chunking=chunk is not None, chunk_size=chunk or -1, decoder=causal)
     bias = MegaSimpleRelativePositionalBias(config).double()
@@ -51,7 +53,7 @@ def test_chunked_attention_matches_slow_reference(activation, causal, chunk, pad
         mask = torch.ones(2, 13, dtype=torch.bool)
         mask[0, :3] = False  # left padding
         mask[1, 10:] = False  # right padding
-    out, _ = attention(q, k, v, mask, bias)
+    out, _ = attention(q, k, v, mask, bias, output_attentions=explicit)
     ref = slow_attention(q, k, v, mask, bias, activation, causal, chunk)
     if padded:  # only real queries have defined outputs
         out, ref = out[mask], ref[mask]
