@@ -119,6 +119,14 @@ class FiniteStepGuard:
         if self._plain_torch:
             self.optimizer.overflow = False
             return self._inner(*args, **kwargs)
+        if bad and hasattr(self.optimizer, "clear_hp_grads") and hasattr(self.optimizer, "clear_lp_grads"):
+            # BF16_Optimizer (bf16 with ZeRO-0/1): what its own step does on a non-finite norm
+            self.optimizer.clear_hp_grads()
+            self.optimizer.clear_lp_grads()
+            self.optimizer.overflow = True
+            self.optimizer._global_grad_norm = float("inf")
+            self.skipped += 1
+            return None
         if bad:
             # DeepSpeedZeroOptimizer (ZeRO-1/2; ZeRO-3 is never combined with a pipeline): take its overflow path,
             # which clears its partitioned gradients and buffers without touching weights or moments
@@ -278,11 +286,6 @@ class Trainer:
             if saved != now:
                 self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: resuming through a universal "
                          f"checkpoint")
-                if 3 in (saved["zero_stage"], now["zero_stage"]):
-                    # measured with DeepSpeed 0.19.8 (ZeRO-3, 2 ranks -> 1): the first resumed loss is exact, later
-                    # ones drift by ~1e-4 while ZeRO-1/2 match to 1e-5; the optimizer state is suspect
-                    self.log("warning: a ZeRO-3 universal resume continues with slightly different optimizer "
-                             "state than the saved run (measured drift ~1e-4 in the loss after 2 steps)")
             return load_dir, checkpointing.convert_to_universal(load_dir, tag, self.context.rank), True
         return load_dir, tag, False
 
@@ -457,6 +460,7 @@ class Trainer:
         if tag is not None:
             state = checkpointing.load(engine, load_dir, ctx.rank, tag)
             self._sync_lr(engine)
+            self._repair_optimizer_after_load(engine)
             step, sampler_state = state["step"], state["sampler"]
             result.resumed_from = step
             if state.get("_rng_missing"):
@@ -576,6 +580,34 @@ class Trainer:
             raise TrainingAborted(
                 f"{self._bad_steps} non-finite {what} in a row at iteration {iteration} (optim.max_nonfinite_in_a_row"
                 f"={limit}): lower optim.lr, check the data, or resume from an earlier checkpoint")
+
+    def _repair_optimizer_after_load(self, engine) -> None:
+        """Undo two defects of DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load
+        (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`), which made a ZeRO-3
+        layout-change resume drift from the uninterrupted run (tiny config, 2 ranks -> 1, and even 2 -> 2 through the
+        universal checkpoint: +2.6e-4 in the loss one step after the resume, +1.3e-3 after two; the weights, Adam
+        moments and step counts it loads are exact):
+        - it stores ONE `step` tensor object in the state of every sub-group's flat fp32 partition; torch's AdamW
+          increments `step` in place once per sub-group step, so with two sub-groups (our decay / no-decay groups)
+          the second one saw step k+1 at step k, then k+3, k+5...: a wrong Adam bias correction. Each state gets
+          its own copy here (a no-op for unshared steps, ZeRO-0/1/2).
+        - it copies the hyperparameters of the saved group 0 into every group, so the no-decay group (biases,
+          norms, EMA coefficients) came back with the matrices' weight decay. The groups' weight decay, betas and
+          eps are set from the config here, as `param_groups` builds them; the lr is the schedule's (`_sync_lr`).
+        """
+        scheduler = engine.lr_scheduler
+        optimizer = scheduler.optimizer if scheduler is not None else engine.optimizer
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        optim = self.config.optim
+        wanted = [optim.weight_decay, 0.0]  # param_groups(): matrices, then the rest
+        if len(optimizer.param_groups) != len(wanted):
+            return
+        for group, decay in zip(optimizer.param_groups, wanted):
+            group["weight_decay"] = decay
+            group["betas"] = tuple(optim.betas)
+            group["eps"] = optim.eps
 
     def _reseed(self, step: int) -> None:
         seed = (self.config.seed * 1_000_003 + step * 9973 + self.context.rank) % (2 ** 31)

@@ -192,6 +192,9 @@ def world2(tiny_dict, tmp_path_factory):
         # 13, 14: ZeRO-3 stopped at step 3 and resumed (same layout)
         job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "z3"), checkpoint__exit_at_step=3, **steps),
         job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "z3"), **steps),
+        # 15: ZeRO-3 stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
+        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "relayout3"), checkpoint__exit_at_step=3,
+            **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -256,17 +259,21 @@ def test_nonfinite_loss_is_skipped_then_aborts(world2):
 
 
 def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):
-    """Saved by 2 ranks under ZeRO-2, resumed by 1 (gradient accumulation 4 instead of 2): the trainer converts
-    the checkpoint to a universal one by itself; the same samples follow, so the losses match the uninterrupted
-    2-rank run up to float reduction order."""
+    """Saved by 2 ranks under ZeRO-2 and ZeRO-3, resumed by 1 (gradient accumulation 4 instead of 2): the trainer
+    converts the checkpoint to a universal one by itself; the same samples follow, so the losses match the
+    uninterrupted 2-rank run up to float reduction order. ZeRO-3 drifted by 2.6e-4, then 1.3e-3, before the
+    trainer repaired what DeepSpeed's ZeRO-3 universal load gets wrong (a shared Adam step, group 0's weight decay
+    everywhere; see Trainer._repair_optimizer_after_load): the bound below is 50x tighter than that."""
     results, out = world2
-    full = results[4]
     steps = dict(optim__train_steps=6, optim__global_batch_size=8, optim__micro_batch_size=2)
-    [resumed] = run_jobs(1, [job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "relayout"),
-                                 **steps)], str(tmp_path))
-    assert resumed["resumed_from"] == 3 and resumed["consumed_samples"] == 48
-    assert any("resuming through a universal checkpoint" in l for l in resumed["lines"])
-    assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(full)[3:], rel=1e-5, abs=1e-5)
+    resumed = run_jobs(1, [job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "relayout"), **steps),
+                           job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "relayout3"), **steps)],
+                       str(tmp_path))
+    for result, full, tolerance in ((resumed[0], results[4], 1e-5), (resumed[1], results[3], 5e-6)):
+        assert result["resumed_from"] == 3 and result["consumed_samples"] == 48
+        assert any("resuming through a universal checkpoint" in l for l in result["lines"])
+        assert [result["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(full)[3:], rel=0,
+                                                                                abs=tolerance)
 
 
 def test_a_hung_rank_fails_the_job_after_the_timeout(tiny_dict, tmp_path):
