@@ -38,11 +38,12 @@ def runs(tiny_dict, tmp_path_factory):
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     source.save_pretrained(dirs["hf_source"])
+    # each ZeRO run also saves the weights its engine ends with (<dir>.final.pt), gathered from the live process
     jobs = [
-        job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=dirs["zero0"], **STEPS),
-        job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=dirs["zero1"], **STEPS),
-        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=dirs["zero2"], **STEPS),
-        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=dirs["zero3"], **STEPS),
+        job(tiny_dict, "final_state", {"path": dirs[f"zero{stage}"] + ".final.pt"}, parallel__zero_stage=stage,
+            checkpoint__dir=dirs[f"zero{stage}"], **STEPS)
+        for stage in range(4)
+    ] + [
         job(tiny_dict, objective="mlm", model__is_decoder=False, model__bidirectional=True,
             checkpoint__dir=dirs["mlm"], **STEPS),
         # last: a plain engine after a pipeline engine in the same process trips DeepSpeed's global state
@@ -74,6 +75,20 @@ def test_every_layout_converts_to_the_same_model(runs, tmp_path):
         assert convert(runs[name], str(tmp_path / name)) == 0
         files = set(os.listdir(tmp_path / name))
         assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "README.md"} <= files
+    # every ZeRO stage: the converted weights are the training process's final weights, bit for bit
+    for stage in range(4):
+        live = torch.load(runs[f"zero{stage}"] + ".final.pt")
+        converted = load_file(str(tmp_path / f"zero{stage}" / "model.safetensors"))
+        live_names = {name.removeprefix("lm.") for name in live}
+        # the tied LM head is one parameter in the engine, saved under both names; the rotary bias's placeholder
+        # buffer (transformers' layout) is no parameter
+        extra = {name for name in set(converted) - live_names if not name.endswith("._float_tensor")}
+        assert extra <= {"lm_head.weight"}, extra
+        if "lm_head.weight" in converted and "lm_head.weight" not in live_names:
+            assert torch.equal(converted["lm_head.weight"], converted["mega.embedding_layer.word_embeddings.weight"])
+        for name, tensor in live.items():
+            if name.removeprefix("lm.") in converted:
+                assert torch.equal(converted[name.removeprefix("lm.")], tensor), (stage, name)
     ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = hidden(str(tmp_path / "zero0"), ids)
     for name in ("zero1", "zero2", "zero3", "pipe"):

@@ -158,7 +158,24 @@ class PipeInfTrainer(WatchedTrainer):
             module.loss_fn = original
 
 
-TRAINERS = {"plain": Trainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer,
+class FinalStateTrainer(Trainer):
+    """After training, rank 0 saves the live engine's module state (ZeRO-3: gathered) to `path`: the weights the
+    training process ends with, to compare a converted checkpoint against."""
+
+    def __init__(self, *args, path=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = path
+
+    def train(self):
+        result = super().train()
+        names = [name for name, _ in self.engine.module.named_parameters()]
+        weights = _weights(self.engine)
+        if self.context.rank == 0:
+            torch.save(dict(zip(names, weights)), self.path)
+        return result
+
+
+TRAINERS = {"plain": Trainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer,
             "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
 
