@@ -78,7 +78,9 @@ class FiniteStepGuard:
       the (already reduced, clipped) `.grad` of every parameter and skips the step itself.
     - ZeRO-1/2 (DeepSpeedZeroOptimizer), ZeRO-3 and bf16: they compute the global gradient norm over their
       partitions and skip on a non-finite one (`overflow`); the guard counts those. For a reason only the guard
-      knows (the pipeline's non-finite loss), a ZeRO-1/2 optimizer is made to take its own overflow path.
+      knows (the pipeline's non-finite loss), a ZeRO-1/2 optimizer or BF16_Optimizer is made to take its own
+      overflow path.
+    The decision costs one 8-byte all-reduce per optimizer step.
     """
 
     def __init__(self, engine, world_all_max):
