@@ -28,6 +28,13 @@ def _masked_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 4
 
 
+def fused_softmax_attention(q: torch.Tensor) -> bool:
+    """Whether softmax attention goes through SDPA. Yes on the CPU (its fused kernel takes the float mask); not on
+    CUDA, where the kernels that take a float mask are slow at MEGA's value width (v=2048, beyond FlashAttention's
+    256): 45k tokens/s against 79k for plain matmuls (H200, bf16, the 241M anchor at 4x4096 chunk 1024)."""
+    return not q.is_cuda
+
+
 class ChunkedAttention(nn.Module):
     """Attention weights and their application to values. Holds no parameters: the relative bias belongs to the
     gated attention layer (transformers' state-dict layout) and is passed in."""
@@ -104,10 +111,7 @@ class ChunkedAttention(nn.Module):
         if key_mask is not None:
             padding = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, masked)
             scores_bias = scores_bias + padding.unsqueeze(2)
-        # SDPA on the CPU (its fused kernel takes the float mask); on CUDA the kernels that take a float mask are
-        # slow at MEGA's value width (v=2048, beyond FlashAttention's 256): 45k tokens/s against 79k for the plain
-        # matmuls below (H200, bf16, the 241M anchor at 4x4096 chunk 1024)
-        if not output_attentions and not q.is_cuda:
+        if not output_attentions and fused_softmax_attention(q):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, dropout_p=dropout,
                                                  scale=self.scaling)
             return out, None
@@ -116,7 +120,9 @@ class ChunkedAttention(nn.Module):
         scores = torch.baddbmm(scores_bias if scores_bias.dim() == 2 else scores_bias.reshape(-1, *square),
                                q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:]).transpose(-1, -2),
                                alpha=self.scaling)
-        weights = torch.softmax(scores, dim=-1).view(*lead, *scores.shape[-2:])
+        # softmax in the scores' dtype: under autocast that keeps the (chunks x C x C) weights in bfloat16, as SDPA
+        # would (the kernel accumulates in float32 either way)
+        weights = torch.softmax(scores, dim=-1, dtype=scores.dtype).view(*lead, *scores.shape[-2:])
         out = torch.matmul(F.dropout(weights, dropout, self.training), v)
         return out, weights if output_attentions else None
 
