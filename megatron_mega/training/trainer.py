@@ -89,12 +89,17 @@ class FiniteStepGuard:
         self._all_max = world_all_max
         self._inner = self.optimizer.step
         self._plain_torch = isinstance(self.optimizer, torch.optim.Optimizer)
-        self.skipped = 0          # since the last take()
+        # fp16's dynamic loss scaling skips overflowing steps as part of finding its scale: counted apart
+        self._fp16 = bool(getattr(engine, "fp16_enabled", lambda: False)())
+        self.skipped = 0          # since the last take(): non-finite steps not applied
+        self.scale_skipped = 0    # since the last take(): fp16 loss-scale overflows (DeepSpeed's own skips)
         self.optimizer.step = self.step
 
-    def take(self) -> int:
-        skipped, self.skipped = self.skipped, 0
-        return skipped
+    def take(self) -> Optional[str]:
+        """How the last optimizer step(s) ended: None (applied), "nonfinite" or "loss_scale" (skipped)."""
+        status = "nonfinite" if self.skipped else "loss_scale" if self.scale_skipped else None
+        self.skipped = self.scale_skipped = 0
+        return status
 
     def _local_problem(self) -> bool:
         engine = self.engine
@@ -146,7 +151,10 @@ class FiniteStepGuard:
         else:
             out = self._inner(*args, **kwargs)
         if getattr(self.optimizer, "overflow", False):
-            self.skipped += 1
+            if self._fp16:
+                self.scale_skipped += 1
+            else:
+                self.skipped += 1
         return out
 
 
@@ -340,8 +348,9 @@ class Trainer:
         dist.all_reduce(t)
         return float(t.item()) / self.context.world_size
 
-    def _train_step(self, engine, it, sampler, step: int, result: TrainResult) -> tuple[float, Optional[float], bool]:
-        """(mean loss over the global batch, gradient norm, whether the optimizer step was skipped)."""
+    def _train_step(self, engine, it, sampler, step: int,
+                    result: TrainResult) -> tuple[float, Optional[float], Optional[str]]:
+        """(mean loss over the global batch, gradient norm, None or why the optimizer step was skipped)."""
         lay, cfg = self.layout, self.config
         per_micro = lay.micro_batch_size * lay.data_parallel_size
         losses = []
@@ -368,14 +377,15 @@ class Trainer:
             grad_norm = self._zero0_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
             engine.step()
             losses.append(value)
-        skipped = self.guard.take() > 0
+        skipped = self.guard.take()
         norm = engine.get_global_grad_norm()
         if norm is None:
             norm = grad_norm
         norm = None if norm is None else float(norm)
         return self._all_mean(sum(losses) / len(losses)), norm, skipped
 
-    def _pipeline_step(self, engine, it, sampler, step: int, result: TrainResult) -> tuple[float, Optional[float], bool]:
+    def _pipeline_step(self, engine, it, sampler, step: int,
+                       result: TrainResult) -> tuple[float, Optional[float], Optional[str]]:
         """DeepSpeed's pipeline schedule runs the grad_accum micro-batches and the optimizer step in one call; a
         non-finite loss (seen on the last stage) or non-finite gradients make `FiniteStepGuard` skip that step
         before the optimizer applies it, on every stage."""
@@ -388,7 +398,7 @@ class Trainer:
 
         loss = float(engine.train_batch(data_iter=micro_batches()).float().item())
         sampler.advance(self.layout.global_batch_size)
-        skipped = self.guard.take() > 0
+        skipped = self.guard.take()
         norm = engine.get_global_grad_norm()
         return loss, None if norm is None else float(norm), skipped
 
@@ -562,10 +572,15 @@ class Trainer:
             for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
                 group["lr"] = lr
 
-    def _count_skipped(self, skipped: bool, loss: float, norm: Optional[float], iteration: int,
+    def _count_skipped(self, skipped: Optional[str], loss: float, norm: Optional[float], iteration: int,
                        result: TrainResult) -> None:
-        """A skipped optimizer step is counted; K in a row stop the run. A non-finite norm or loss on a step that
-        was applied anyway would be a hole in `FiniteStepGuard`: refuse to go on with a broken model."""
+        """A skipped optimizer step is counted; K non-finite ones in a row stop the run (fp16 loss-scale overflows
+        are counted but are part of finding the scale). A non-finite norm or loss on a step that was applied anyway
+        would be a hole in `FiniteStepGuard`: refuse to go on with a broken model."""
+        if skipped == "loss_scale":
+            result.skipped_steps += 1
+            self.log(f"iteration {iteration}: fp16 loss-scale overflow; optimizer step skipped, the scale lowered")
+            return
         if not skipped:
             if (norm is not None and not math.isfinite(norm)) or not math.isfinite(loss):
                 raise TrainingAborted(f"iteration {iteration}: a non-finite loss ({loss}) or gradient norm ({norm}) "
