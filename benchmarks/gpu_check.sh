@@ -4,7 +4,7 @@
 #   2. the training-step benchmark (benchmarks/gpu_bench.py: ours vs transformers 4.57.6 vs GPT+SDPA, long sequences)
 #   3. the quickstart on the GPU: DeepSpeed bf16 pretraining with NCCL, conversion, the six heads
 #   4. exact resume on the GPU path (benchmarks/resume_check.py)
-#   (profile: the top CUDA kernels of one step at 4x4096 chunk 1024; not in the default parts)
+#   (profile: the top CUDA kernels of one step at 4x4096 chunk 1024)
 #   5. cached decoding latency at 1k / 8k / 64k context (benchmarks/decode_bench.py)
 # Packages the machine lacks travel as wheels in .whl/ (gitignored; fetch them with `bash benchmarks/gpu_check.sh
 # --fetch-wheels` on a machine with PyPI): transformers 4.57.6 and its pins, DeepSpeed and its pydantic.
@@ -38,7 +38,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
     export PYTHONPATH=$ROOT
 fi
-PARTS=${PARTS:-"tests bench quickstart resume decode"}
+PARTS=${PARTS:-"tests bench profile quickstart resume decode"}
 status=0
 started=$SECONDS
 
