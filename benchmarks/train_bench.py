@@ -4,7 +4,9 @@ processes vs a 2-stage pipeline, each in fresh spawned processes (gloo, OMP_NUM_
     .venv/bin/python benchmarks/train_bench.py [--steps 20] [--out benchmarks/results/train_bench.json]
 
 The data is Python's pydoc topic text, tokenized with a 2000-piece tokenizer in a temporary folder. tokens/s is the
-mean over the logged windows after the first (warm-up excluded); peak memory is each process's max RSS.
+mean over the logged windows after the first (warm-up excluded); peak memory is each process's max RSS. data wait is
+rank 0's time blocked on the data loader for the next micro-batch: ms per iteration and its share of the loop's wall
+time, over the same windows (the trainer's `data wait` log field; target < 2%).
 """
 
 from __future__ import annotations
@@ -53,10 +55,16 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
     lines: list[str] = []
     config = load_train_config(os.path.join(ROOT, "configs/train/demo.yaml"), overrides)
     result = run_training(config, print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    rates = [float(l.split("tokens/s ")[1].split(" ")[0]) for l in lines if l.startswith("iteration ")]
+    logged = [l for l in lines if l.startswith("iteration ")]
+    rates = [float(l.split("tokens/s ")[1].split(" ")[0]) for l in logged]
+    waits = [float(l.split("data wait ")[1].split(" ")[0]) for l in logged]
+    ms_iter = [float(l.split("ms/iter ")[1].split(" ")[0]) for l in logged]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(f"{out}.rank{rank}.json", "w") as fh:
         json.dump({"tokens_per_s": sum(rates[1:]) / max(1, len(rates) - 1), "peak_rss_mb": peak,
+                   "data_wait_ms": sum(waits[1:]) / max(1, len(waits) - 1),
+                   "data_wait_share": sum(waits[1:]) / max(1e-9, sum(ms_iter[1:])),
+                   "ms_per_iter": sum(ms_iter[1:]) / max(1, len(ms_iter) - 1),
                    "final_loss": result.losses[max(result.losses)]}, fh)
 
 
@@ -67,7 +75,9 @@ def run(name: str, world: int, overrides: list[str], folder: str) -> dict:
     out = os.path.join(folder, name)
     mp.spawn(_worker, args=(world, port, overrides, out), nprocs=world, join=True)
     ranks = [json.load(open(f"{out}.rank{r}.json")) for r in range(world)]
-    return {"name": name, "processes": world, "tokens_per_s": ranks[0]["tokens_per_s"],
+    return {"name": name, "processes": world, "tokens_per_s": round(ranks[0]["tokens_per_s"]),
+            "ms_per_iter": round(ranks[0]["ms_per_iter"], 1), "data_wait_ms": round(ranks[0]["data_wait_ms"], 2),
+            "data_wait_share": round(ranks[0]["data_wait_share"], 4),
             "peak_rss_mb_per_process": [round(r["peak_rss_mb"]) for r in ranks], "final_loss": ranks[0]["final_loss"]}
 
 

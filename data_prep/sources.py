@@ -24,8 +24,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-import zstandard
-
 from data_prep.errors import PrepareError
 from data_prep.records import JSON_LINE, OBJECT, RAW, SKIP, TEXT
 
@@ -152,6 +150,8 @@ class FileSource:
             return lzma.open(self.path, "rb")
         raw = open(self.path, "rb")
         if compression == ".zst":
+            import zstandard  # only .zst inputs need it
+
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
             return io.BufferedReader(reader, buffer_size=1 << 20)
         return raw
@@ -276,10 +276,22 @@ class FileSource:
 
 
 def _read_errors() -> tuple[type, ...]:
-    import pyarrow
+    errors: list[type] = [OSError, EOFError, csv.Error, lzma.LZMAError, UnicodeError]
+    # the optional readers' errors, where those readers are installed (a machine without them reads no .zst or
+    # .parquet file, so none of their errors can occur)
+    try:
+        import zstandard
 
-    return (OSError, EOFError, csv.Error, lzma.LZMAError, zstandard.ZstdError, pyarrow.ArrowException,
-            UnicodeError)
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    try:
+        import pyarrow
+
+        errors.append(pyarrow.ArrowException)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 # ---- a `datasets` dataset ---------------------------------------------------------------------------------------

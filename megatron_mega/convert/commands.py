@@ -35,7 +35,7 @@ def run_convert(args: argparse.Namespace) -> int:
         read_training_checkpoint,
     )
     from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
-    from megatron_mega.model import MegaForCausalLM
+    from megatron_mega.model import CheckpointError, ConfigError, MegaForCausalLM
 
     try:
         weights = read_training_checkpoint(args.checkpoint, args.step)
@@ -64,8 +64,10 @@ def run_convert(args: argparse.Namespace) -> int:
         report = export_hf(source, args.output, head=head, num_labels=args.num_labels, dtype=args.dtype,
                            tokenizer=tokenizer, metadata=metadata, force=args.force,
                            max_shard_size=args.max_shard_size)
-    except (TrainingCheckpointError, ExportError, TokenizerError) as err:
-        print(f"megatron-mega convert: error: {err}", file=sys.stderr)
+    except (TrainingCheckpointError, ExportError, TokenizerError, CheckpointError, ConfigError, OSError) as err:
+        # one line, whatever the message holds (nothing was written: the export goes through a temporary folder)
+        message = " ".join(str(err).split())
+        print(f"megatron-mega convert: error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {report.output_dir}: {report.architecture} ({report.dtype}) from step {weights.step}, "
           f"self-check max relative difference {report.max_relative_error:.2e}")

@@ -72,6 +72,14 @@ def _write_readme(directory: str, architecture: str, dtype: str, config: MegaCon
     atomic_write_text(os.path.join(directory, "README.md"), "\n".join(lines))
 
 
+def _remove_empty(directories: list[str]) -> None:
+    for directory in directories:  # deepest first
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+
+
 def export_hf(
     source: nn.Module,
     output_dir: str,
@@ -99,8 +107,18 @@ def export_hf(
         overrides["num_labels"] = num_labels
     config = source.config.copy(**overrides)
     parent = os.path.dirname(output_dir)
+    # parents made here are removed again on failure: a refused export leaves the file system as it found it
+    made = []
+    missing = parent
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         target = cls(config)
         report = target.load_checkpoint_state(source.state_dict(), source=type(source).__name__,
@@ -135,5 +153,6 @@ def export_hf(
         os.replace(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
     return ExportReport(output_dir, head, cls.__name__, dtype, error, report.missing_keys, report.unexpected_keys)

@@ -1,8 +1,9 @@
 """Read the weights of a training checkpoint (any ZeRO stage, any pipeline layout) under Hugging Face names.
 
 A checkpoint folder is what megatron_mega.training writes: `<dir>/latest`, `<dir>/stepNNNNNNNN/` with DeepSpeed's
-files and `trainer_state.json` (step, consumed samples, resolved config, tokenizer sha256, layout). The weights come
-from, by layout:
+files and `trainer_state.json` (format version, step, consumed samples, resolved config, tokenizer sha256, layout).
+A checkpoint whose `format_version` is newer than this code's (training.checkpointing.FORMAT_VERSION) is refused;
+one without the field predates versioning and reads as version 1. The weights come from, by layout:
 - pipeline (stages > 1): the per-layer files `layer_XX-model_states.pt`, mapped by megatron_mega.parallel's name map;
 - ZeRO 1-3: DeepSpeed's own fp32 reconstruction from the optimizer partitions (`zero_to_fp32`);
 - ZeRO 0: the module state in `mp_rank_00_model_states.pt`.
@@ -11,6 +12,8 @@ The plain path's module is the trainer's LMLoss wrapper, whose names are the HF 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -46,8 +49,21 @@ class TrainingWeights:
         from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
 
         cls = MegaForCausalLM if self.objective == "causal" else MegaForMaskedLM
+        from megatron_mega.model.pretrained import CheckpointError
+
         model = cls(self.config)
-        report = model.load_checkpoint_state(self.state, source=self.tag_dir, source_architecture=cls.__name__)
+        own = model.state_dict()
+        differ = [f"{k} {list(v.shape)} saved vs {list(own[k].shape)} configured" for k, v in self.state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if differ:
+            raise TrainingCheckpointError(f"{os.path.join(self.tag_dir, 'trainer_state.json')}: its model config "
+                                          f"does not match the saved weights ({len(differ)} tensors differ in shape, "
+                                          f"e.g. {differ[0]})")
+        try:
+            report = model.load_checkpoint_state(self.state, source=self.tag_dir, source_architecture=cls.__name__)
+        except CheckpointError as err:
+            raise TrainingCheckpointError(f"{os.path.join(self.tag_dir, 'trainer_state.json')}: its model config "
+                                          f"does not match the saved weights ({err})") from None
         if report.missing_keys or report.unexpected_keys:
             raise TrainingCheckpointError(
                 f"{self.tag_dir}: weights do not match {cls.__name__}: missing {report.missing_keys[:5]}, "
@@ -60,6 +76,12 @@ def _tag(directory: str, step: Optional[int]) -> str:
 
     if not os.path.isdir(directory):
         raise TrainingCheckpointError(f"{directory}: not a directory")
+    if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)):
+        parent, name = os.path.split(directory)
+        number = name[len(checkpointing.TAG_PREFIX):]
+        hint = f" --step {int(number)}" if name.startswith(checkpointing.TAG_PREFIX) and number.isdigit() else ""
+        raise TrainingCheckpointError(f"{directory}: one checkpoint of a run, not the run's checkpoint folder; pass "
+                                      f"{parent}{hint}")
     if step is not None:
         tag = checkpointing.tag_for(step)
         if not os.path.isdir(os.path.join(directory, tag)):
@@ -68,6 +90,10 @@ def _tag(directory: str, step: Optional[int]) -> str:
             raise TrainingCheckpointError(f"{directory}: no checkpoint for step {step} (available: {available})")
         return tag
     tag = checkpointing.latest_tag(directory)
+    if tag is None and os.path.exists(os.path.join(directory, "config.json")):
+        raise TrainingCheckpointError(f"{directory}: a Hugging Face model directory (config.json), not a training "
+                                      f"checkpoint folder; it needs no conversion (to continue pretraining from it, "
+                                      f"set checkpoint.init_from_hf)")
     if tag is None:
         raise TrainingCheckpointError(f"{directory}: no `latest` file; not a training checkpoint folder "
                                       f"(or no checkpoint finished writing)")
@@ -80,8 +106,11 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
     directory = os.path.abspath(directory)
     tag = _tag(directory, step)
     tag_dir = os.path.join(directory, tag)
+    if not os.path.isdir(tag_dir):
+        raise TrainingCheckpointError(f"{os.path.join(directory, checkpointing.LATEST)}: names {tag}, which is "
+                                      f"missing (an incomplete copy of the run?)")
     try:
-        state = checkpointing.read_state(directory, tag)
+        state = checkpointing.read_state(directory, tag)  # refuses an unsupported format_version
     except RuntimeError as err:
         raise TrainingCheckpointError(str(err)) from None
     config_dict = state.get("config") or {}
@@ -126,7 +155,9 @@ def _zero_weights(directory: str, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
+        # its progress bar goes to stderr: kept off the command's output, whose error is one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(directory, tag=tag)
     except (FileNotFoundError, ValueError) as err:
         raise TrainingCheckpointError(f"{directory}/{tag}: cannot reconstruct the ZeRO weights ({err})") from None
     return _strip_wrapper(dict(state), f"{directory}/{tag}")
@@ -140,6 +171,11 @@ def _pipeline_weights(tag_dir: str, config: MegaConfig, objective: str) -> dict[
     except (FileNotFoundError, KeyError) as err:
         # a missing layer_XX-model_states.pt (an incomplete copy of the checkpoint) shows up as either
         raise TrainingCheckpointError(f"{tag_dir}: pipeline layer files missing ({err})") from None
+    except RuntimeError as err:  # load_state_dict's size mismatches: the config is not the one the run trained
+        detail = [line.strip() for line in str(err).splitlines() if "size mismatch" in line] or [str(err)]
+        raise TrainingCheckpointError(f"{os.path.join(tag_dir, 'trainer_state.json')}: its model config does not "
+                                      f"match the layer files ({len(detail)} tensors differ, e.g. {detail[0]})") \
+            from None
     return {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
 
 

@@ -33,6 +33,9 @@ def make_loader(dataset, micro_batch_size: int, data_parallel_rank: int, data_pa
                                  consumed_samples=consumed_samples)
     if state is not None:
         sampler.load_state_dict(state)
+    # Without a generator of its own, every new iterator draws its workers' base seed from torch's global RNG: a
+    # resumed run (RNG restored, then the iterator made) would then see other dropout masks than the run it
+    # continues (whose iterator drew before its first step). The samples themselves do not depend on that seed.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                        pin_memory=pin_memory, persistent_workers=False)
+                        pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(0))
     return loader, sampler

@@ -77,12 +77,14 @@ def _scale_and_zero(x: torch.Tensor, positions: torch.Tensor, scale: float) -> t
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training) in distribution: each element independently zeroed with probability p, the others
     scaled by 1/(1-p). On CPU with p <= 0.25 the drops are drawn as geometric gaps (`dropped_positions`), else as one
-    uniform number per element (`dropout_noise`); p = 1 falls back to F.dropout's zeros."""
+    uniform number per element (`dropout_noise`); other devices and p = 1 use F.dropout itself."""
     if not training or p == 0.0:
         return x
     if p >= 1.0:
         return F.dropout(x, p, True)
-    if x.device.type == "cpu" and p <= _GEOMETRIC_MAX_P:
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)  # one fused kernel on accelerators, with a fast counter-based generator
+    if p <= _GEOMETRIC_MAX_P:
         return _PositionDropout.apply(x, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
     return x * dropout_noise(x, p)
 

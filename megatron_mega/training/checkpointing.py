@@ -2,9 +2,14 @@
 
     <dir>/step00000040/          DeepSpeed's files (model, optimizer partitions, lr schedule) + client state
     <dir>/step00000040/rng-rank00003.pt   each rank's RNG states (python, numpy, torch)
-    <dir>/step00000040/trainer_state.json  step, consumed samples, sampler state, layout, config, tokenizer sha256
+    <dir>/step00000040/trainer_state.json  format_version, step, consumed samples, sampler state, layout, config,
+                                           tokenizer sha256
     <dir>/latest                 the newest complete tag (the file DeepSpeed's load_checkpoint reads)
     <dir>/step00000040-universal/  made on resume when the layout changed (DeepSpeed's ds_to_universal)
+
+`format_version` (in trainer_state.json and DeepSpeed's client state) numbers the layout of these files as the
+converter and the resume path read them; a reader refuses a version newer than FORMAT_VERSION instead of guessing.
+Checkpoints written before the field existed have none and are version 1 (the layout they were written in).
 
 Every rank writes its part, then all wait at a barrier; only then does rank 0 move `latest` (atomically) and delete
 checkpoints beyond `keep_last`. A run killed while saving leaves `latest` at the previous complete checkpoint.
@@ -26,12 +31,21 @@ import torch
 import torch.distributed as dist
 
 from megatron_mega.atomic_io import atomic_write_text
+from megatron_mega.training.config import TrainConfigError
 
 logger = logging.getLogger(__name__)
 LATEST = "latest"
 TAG_PREFIX = "step"
 STATE_FILE = "trainer_state.json"
 UNIVERSAL_SUFFIX = "-universal"
+# the checkpoint layout this code writes and reads; bump when a reader could misread an older writer's files
+FORMAT_VERSION = 1
+FORMAT_FIELD = "format_version"
+
+
+class CheckpointFormatError(TrainConfigError, RuntimeError):
+    """A checkpoint written in a format this code does not read (a newer megatron_mega, or a damaged state file).
+    A TrainConfigError too: a run told to resume from it stops with this one line, before anything starts."""
 
 
 def tag_for(step: int) -> str:
@@ -58,6 +72,7 @@ def latest_tag(directory: str) -> Optional[str]:
 
 def save(engine, directory: str, step: int, client_state: dict[str, Any], rank: int, keep_last: int) -> str:
     tag = tag_for(step)
+    client_state = {FORMAT_FIELD: FORMAT_VERSION, **client_state}
     engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
     folder = os.path.join(directory, tag)
     os.makedirs(folder, exist_ok=True)
@@ -81,13 +96,35 @@ def _prune(directory: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(directory, old + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
+def format_version(state: dict[str, Any], path: str) -> int:
+    """The checkpoint format of a trainer state read from `path`; refuses one this code cannot read.
+
+    A state without the field was written before versions existed, in the layout that became version 1."""
+    version = state.get(FORMAT_FIELD, 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointFormatError(f"{path}: field {FORMAT_FIELD!r} is {version!r}, not a checkpoint format version "
+                                    f"(a positive integer)")
+    if version > FORMAT_VERSION:
+        raise CheckpointFormatError(f"{path}: field {FORMAT_FIELD!r} is {version}, newer than the checkpoint format "
+                                    f"this megatron_mega reads ({FORMAT_VERSION}); read it with the megatron_mega "
+                                    f"version that wrote it")
+    return version
+
+
 def read_state(directory: str, tag: str) -> dict[str, Any]:
+    """The trainer state of `directory/tag` (trainer_state.json), its format version checked."""
     path = os.path.join(directory, tag, STATE_FILE)
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            state = json.load(fh)
     except FileNotFoundError:
         raise RuntimeError(f"{path}: missing; {directory}/{tag} is not a checkpoint written by this trainer") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointFormatError(f"{path}: not a JSON trainer state ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path}: not a JSON object")
+    format_version(state, path)
+    return state
 
 
 def convert_to_universal(directory: str, tag: str, rank: int) -> str:

@@ -56,7 +56,7 @@ def _floats(obj: Any, *names: str) -> None:
 class OptimConfig:
     """AdamW with warmup then cosine/linear decay to min_lr over decay_steps (default: train_steps)."""
 
-    train_steps: int = 100
+    train_steps: int = 100          # 0: write the initial weights as a step-0 checkpoint and stop (fresh runs)
     global_batch_size: int = 8
     micro_batch_size: int = 1
     lr: float = 1e-3
@@ -74,9 +74,12 @@ class OptimConfig:
         _floats(self, "lr", "min_lr", "weight_decay", "eps", "clip_grad")
         if isinstance(self.betas, (list, tuple)):
             self.betas = [float(b) if isinstance(b, str) else b for b in self.betas]
-        for name in ("train_steps", "global_batch_size", "micro_batch_size", "max_nonfinite_in_a_row"):
+        for name in ("global_batch_size", "micro_batch_size", "max_nonfinite_in_a_row"):
             v = getattr(self, name)
             _check(_is_int(v) and v > 0, f"optim.{name}: must be a positive integer, got {v!r}")
+        _check(_is_int(self.train_steps) and self.train_steps >= 0,
+               f"optim.train_steps: must be a positive integer (or 0 for a step-0 checkpoint), got "
+               f"{self.train_steps!r}")
         _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0,
                f"optim.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
         _check(self.decay_steps is None or (_is_int(self.decay_steps) and self.decay_steps > 0),
@@ -218,6 +221,12 @@ class TrainConfig:
         _check(self.parallel.pipeline_stages <= self.model.num_hidden_layers + 2,
                f"parallel.pipeline_stages: {self.parallel.pipeline_stages} stages for "
                f"{self.model.num_hidden_layers} layers")
+        if self.optim.train_steps == 0:
+            # the one meaning of 0 steps: build the model (seeded or checkpoint.init_from_hf), save it as the
+            # checkpoint of step 0, stop; without a checkpoint folder that would do nothing
+            _check(self.checkpoint.dir is not None,
+                   "optim.train_steps: 0 writes the initial weights as a step-0 checkpoint and stops; it needs "
+                   "checkpoint.dir (or give a positive number of steps)")
         _check(self.deepspeed is None or isinstance(self.deepspeed, (dict, str)),
                "deepspeed: expected a mapping of DeepSpeed settings or a path to a JSON file")
 

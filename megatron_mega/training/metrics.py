@@ -1,7 +1,13 @@
 """The log line per interval and the same scalars in tensorboard (rank 0 only).
 
     iteration 40/1000 | consumed samples 320 | consumed tokens 40960 | lr 9.000E-04 | loss 5.1234 |
-    grad norm 1.234 | loss scale 1 | skipped 0 | ms/iter 123.4 | tokens/s 8301 | TFLOP/s/device 0.05 | MFU n/a
+    grad norm 1.234 | loss scale 1 | skipped 0 | dropped 0 | ms/iter 123.4 | data wait 0.3 ms (0.2%) |
+    tokens/s 8301 | TFLOP/s/device 0.05 | MFU n/a
+
+skipped: optimizer steps not applied (non-finite gradients, or a non-finite loss on the pipeline path), since the
+start of this process; dropped: micro-batches dropped before their backward for a non-finite loss (plain path).
+data wait: per iteration, the time this rank (rank 0) spent blocked on the data loader for the next micro-batch,
+and its share of the interval's wall time (`data_wait_ms`, `data_wait_share` in tensorboard).
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ class MetricsWriter:
                  fmt("lr", values["lr"], ".3E"), fmt("loss", values["loss"], ".4f"),
                  "grad norm " + ("n/a" if values.get("grad_norm") is None else f"{values['grad_norm']:.3f}"),
                  fmt("loss scale", values["loss_scale"], "g"), fmt("skipped", values["skipped"], "d"),
-                 fmt("ms/iter", values["ms_per_iter"], ".1f"), fmt("tokens/s", values["tokens_per_s"], ".0f"),
+                 fmt("dropped", values.get("dropped", 0), "d"), fmt("ms/iter", values["ms_per_iter"], ".1f"),
+                 f"data wait {values.get('data_wait_ms', 0.0):.1f} ms ({100 * values.get('data_wait_share', 0.0):.1f}%)",
+                 fmt("tokens/s", values["tokens_per_s"], ".0f"),
                  fmt("TFLOP/s/device", values["tflops"], ".3f"),
                  "MFU " + ("n/a" if values.get("mfu") is None else f"{100 * values['mfu']:.2f}%")]
         self.print(" | ".join(parts))

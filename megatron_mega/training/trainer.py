@@ -7,6 +7,14 @@ Plain path (pipeline_stages == 1): `deepspeed.initialize` on a module computing 
 step = grad_accum micro-batches of micro_batch_size per data-parallel rank. A micro-batch whose loss is not finite
 on any rank is dropped before its backward (no DeepSpeed counter moves) and the next one is read instead; K in a row
 stop the run. SIGTERM/SIGUSR1 finish the step, save, and return with `stopped="signal"`.
+
+Non-finite gradients (any path, any ZeRO stage) and a non-finite loss on the pipeline path (whose schedule runs the
+micro-batches and the optimizer step in one call) are caught by `FiniteStepGuard`, which wraps the engine's optimizer
+step: the step is skipped before the optimizer applies it (weights, Adam moments and the lr schedule unchanged), the
+iteration and its data still count, and K skipped steps in a row stop the run.
+
+`optim.train_steps: 0` on a fresh run writes the initial weights (seeded, or `checkpoint.init_from_hf`'s) as the
+checkpoint of step 0 and stops: "Hugging Face directory -> training checkpoint" without an optimizer step.
 """
 
 from __future__ import annotations
@@ -44,7 +52,9 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)   # step -> mean loss over the global batch
     grad_norms: dict[int, Optional[float]] = field(default_factory=dict)
     eval_losses: dict[str, dict[int, float]] = field(default_factory=dict)
-    skipped_micro_batches: int = 0
+    skipped_micro_batches: int = 0   # micro-batches dropped for a non-finite loss (plain path) before backward
+    skipped_steps: int = 0           # optimizer steps not applied (non-finite gradients, or loss on the pipeline)
+    data_wait_share: Optional[float] = None  # fraction of the loop's time spent waiting for batches (logged windows)
     stopped: str = "finished"   # finished | exit_at_step | signal
     resumed_from: Optional[int] = None
     checkpoint: Optional[str] = None
@@ -52,6 +62,118 @@ class TrainResult:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, default=str)
+
+
+class FiniteStepGuard:
+    """Wraps `engine.optimizer.step` so that a step with non-finite gradients (or, on the pipeline path, a
+    non-finite loss on the last stage) is not applied on any rank.
+
+    Every rank reports whether it sees a problem, and one all-reduce (MAX, whole world) makes the decision common,
+    before anything is changed. A skipped step leaves the weights and the optimizer state as they were, clears the
+    gradients, and sets `optimizer.overflow`, which DeepSpeed's engine reads to count the step as skipped and to
+    leave the lr schedule where it is.
+
+    Where the check happens, per optimizer DeepSpeed builds (DeepSpeed 0.19.8):
+    - ZeRO-0 in fp32: the engine's optimizer is torch's AdamW itself, which would apply anything; the guard checks
+      the (already reduced, clipped) `.grad` of every parameter and skips the step itself.
+    - ZeRO-1/2 (DeepSpeedZeroOptimizer), ZeRO-3 and bf16: they compute the global gradient norm over their
+      partitions and skip on a non-finite one (`overflow`); the guard counts those. For a reason only the guard
+      knows (the pipeline's non-finite loss), a ZeRO-1/2 optimizer or BF16_Optimizer is made to take its own
+      overflow path.
+    The decision costs one 8-byte all-reduce per optimizer step.
+    """
+
+    def __init__(self, engine, world_all_max):
+        self.engine = engine
+        self.optimizer = engine.optimizer
+        self._all_max = world_all_max
+        self._inner = self.optimizer.step
+        self._plain_torch = isinstance(self.optimizer, torch.optim.Optimizer)
+        # fp16's dynamic loss scaling skips overflowing steps as part of finding its scale: counted apart
+        self._fp16 = bool(getattr(engine, "fp16_enabled", lambda: False)())
+        self.skipped = 0          # since the last take(): non-finite steps not applied
+        self.scale_skipped = 0    # since the last take(): fp16 loss-scale overflows (DeepSpeed's own skips)
+        self.optimizer.step = self.step
+
+    def take(self) -> Optional[str]:
+        """How the last optimizer step(s) ended: None (applied), "nonfinite" or "loss_scale" (skipped)."""
+        status = "nonfinite" if self.skipped else "loss_scale" if self.scale_skipped else None
+        self.skipped = self.scale_skipped = 0
+        return status
+
+    def _local_problem(self) -> bool:
+        engine = self.engine
+        if getattr(engine, "is_pipe_parallel", False) and engine.is_last_stage():
+            total = getattr(engine, "total_loss", None)
+            if torch.is_tensor(total) and not bool(torch.isfinite(total).all()):
+                return True
+        if self._plain_torch:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                        return True
+        return False
+
+    def step(self, *args, **kwargs):
+        bad = self._all_max(1.0 if self._local_problem() else 0.0) > 0
+        if bad and self._plain_torch:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self.optimizer.overflow = True
+            self.skipped += 1
+            return None
+        if self._plain_torch:
+            self.optimizer.overflow = False
+            return self._inner(*args, **kwargs)
+        if bad and hasattr(self.optimizer, "clear_hp_grads") and hasattr(self.optimizer, "clear_lp_grads"):
+            # BF16_Optimizer (bf16 with ZeRO-0/1): what its own step does on a non-finite norm
+            self.optimizer.clear_hp_grads()
+            self.optimizer.clear_lp_grads()
+            self.optimizer.overflow = True
+            self.optimizer._global_grad_norm = float("inf")
+            self.skipped += 1
+            return None
+        if bad:
+            # DeepSpeedZeroOptimizer (ZeRO-1/2; ZeRO-3 is never combined with a pipeline): take its overflow path,
+            # which clears its partitioned gradients and buffers without touching weights or moments
+            if not hasattr(self.optimizer, "has_overflow") or not hasattr(self.optimizer, "check_grad_overflow"):
+                raise RuntimeError(f"cannot skip a step of {type(self.optimizer).__name__}")
+            saved = self.optimizer.check_grad_overflow
+            self.optimizer.check_grad_overflow = True
+            self.optimizer.has_overflow = lambda *a, **k: True
+            try:
+                out = self._inner(*args, **kwargs)
+            finally:
+                del self.optimizer.has_overflow
+                self.optimizer.check_grad_overflow = saved
+            assert self.optimizer.overflow
+        else:
+            out = self._inner(*args, **kwargs)
+        if getattr(self.optimizer, "overflow", False):
+            if self._fp16:
+                self.scale_skipped += 1
+            else:
+                self.skipped += 1
+        return out
+
+
+class TimedIterator:
+    """An iterator that adds the time spent waiting for each item to `wait_s`."""
+
+    def __init__(self, iterator):
+        self._it = iterator
+        self.wait_s = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.wait_s += time.perf_counter() - start
 
 
 class LMLoss(nn.Module):
@@ -174,11 +296,6 @@ class Trainer:
             if saved != now:
                 self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: resuming through a universal "
                          f"checkpoint")
-                if 3 in (saved["zero_stage"], now["zero_stage"]):
-                    # measured with DeepSpeed 0.19.8 (ZeRO-3, 2 ranks -> 1): the first resumed loss is exact, later
-                    # ones drift by ~1e-4 while ZeRO-1/2 match to 1e-5; the optimizer state is suspect
-                    self.log("warning: a ZeRO-3 universal resume continues with slightly different optimizer "
-                             "state than the saved run (measured drift ~1e-4 in the loss after 2 steps)")
             return load_dir, checkpointing.convert_to_universal(load_dir, tag, self.context.rank), True
         return load_dir, tag, False
 
@@ -208,6 +325,7 @@ class Trainer:
                                                config=ds_config)
         if self.pipeline:
             self.dp_rank = engine.grid.get_data_parallel_rank()
+        self.guard = FiniteStepGuard(engine, self._all_max)
         return engine
 
     # ---- one step ------------------------------------------------------------------------------------------------
@@ -230,7 +348,9 @@ class Trainer:
         dist.all_reduce(t)
         return float(t.item()) / self.context.world_size
 
-    def _train_step(self, engine, it, sampler, step: int, result: TrainResult) -> tuple[float, Optional[float]]:
+    def _train_step(self, engine, it, sampler, step: int,
+                    result: TrainResult) -> tuple[float, Optional[float], Optional[str]]:
+        """(mean loss over the global batch, gradient norm, None or why the optimizer step was skipped)."""
         lay, cfg = self.layout, self.config
         per_micro = lay.micro_batch_size * lay.data_parallel_size
         losses = []
@@ -257,15 +377,18 @@ class Trainer:
             grad_norm = self._zero0_grad_norm(engine) if engine.is_gradient_accumulation_boundary() else None
             engine.step()
             losses.append(value)
+        skipped = self.guard.take()
         norm = engine.get_global_grad_norm()
         if norm is None:
             norm = grad_norm
         norm = None if norm is None else float(norm)
-        return self._all_mean(sum(losses) / len(losses)), norm
+        return self._all_mean(sum(losses) / len(losses)), norm, skipped
 
-    def _pipeline_step(self, engine, it, sampler, step: int, result: TrainResult) -> tuple[float, Optional[float]]:
-        """DeepSpeed's pipeline schedule runs the grad_accum micro-batches and the optimizer step in one call, so a
-        non-finite loss is seen only after the step: it is counted (K in a row abort), not undone."""
+    def _pipeline_step(self, engine, it, sampler, step: int,
+                       result: TrainResult) -> tuple[float, Optional[float], Optional[str]]:
+        """DeepSpeed's pipeline schedule runs the grad_accum micro-batches and the optimizer step in one call; a
+        non-finite loss (seen on the last stage) or non-finite gradients make `FiniteStepGuard` skip that step
+        before the optimizer applies it, on every stage."""
         objective = self.config.objective
 
         def micro_batches():
@@ -275,16 +398,9 @@ class Trainer:
 
         loss = float(engine.train_batch(data_iter=micro_batches()).float().item())
         sampler.advance(self.layout.global_batch_size)
-        if not math.isfinite(loss):
-            result.skipped_micro_batches += self.layout.grad_accum
-            self._nonfinite_steps = getattr(self, "_nonfinite_steps", 0) + 1
-            if self._nonfinite_steps >= self.config.optim.max_nonfinite_in_a_row:
-                raise TrainingAborted(f"{self._nonfinite_steps} non-finite losses in a row at iteration {step + 1} "
-                                      f"(pipeline)")
-        else:
-            self._nonfinite_steps = 0
+        skipped = self.guard.take()
         norm = engine.get_global_grad_norm()
-        return loss, None if norm is None else float(norm)
+        return loss, None if norm is None else float(norm), skipped
 
     def _zero0_grad_norm(self, engine) -> Optional[float]:
         """ZeRO-0 in fp32 does not report a gradient norm; after the boundary backward the gradients are averaged
@@ -330,6 +446,13 @@ class Trainer:
         tokenizer_sha = splits.tokenizer.sha256 if splits.tokenizer is not None else None
         ck = cfg.checkpoint
         load_dir, tag, universal = self._resume_plan()
+        if tag is not None and cfg.optim.train_steps == 0:
+            saved_step = checkpointing.read_state(load_dir, tag).get("step")
+            if saved_step != 0:
+                raise TrainConfigError(
+                    f"optim.train_steps: 0 writes the initial weights of a fresh run as a step-0 checkpoint, but "
+                    f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from (use a new checkpoint.dir "
+                    f"or checkpoint.load=null)")
         if tag is not None:
             saved_sha = checkpointing.read_state(load_dir, tag).get("tokenizer_sha256")
             if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
@@ -349,6 +472,7 @@ class Trainer:
         if tag is not None:
             state = checkpointing.load(engine, load_dir, ctx.rank, tag)
             self._sync_lr(engine)
+            self._repair_optimizer_after_load(engine)
             step, sampler_state = state["step"], state["sampler"]
             result.resumed_from = step
             if state.get("_rng_missing"):
@@ -359,7 +483,9 @@ class Trainer:
             self._reseed(0)
         loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
                                       state=sampler_state)
-        it = iter(loader)
+        it = TimedIterator(iter(loader))
+        if cfg.optim.train_steps == 0:
+            return self._save_step0(engine, sampler, tokenizer_sha, result)
         writer = MetricsWriter(ctx.is_main, cfg.logging.tensorboard_dir, print_fn=self._print)
         seq = cfg.data.seq_len
         flops_step = train_flops(cfg.model, lay.global_batch_size, seq,
@@ -370,11 +496,12 @@ class Trainer:
         self.stop.install()
         engine.train()
         window_start, window_steps, rates = time.perf_counter(), 0, []
+        window_wait, waited, timed = it.wait_s, 0.0, 0.0
         try:
             while step < cfg.optim.train_steps:
                 lr = engine.get_lr()[0]
-                loss, norm = step_fn(engine, it, sampler, step, result)
-                self._check_grad_norm(norm, step + 1)
+                loss, norm, skipped = step_fn(engine, it, sampler, step, result)
+                self._count_skipped(skipped, loss, norm, step + 1, result)
                 step += 1
                 window_steps += 1
                 result.losses[step] = loss
@@ -382,21 +509,25 @@ class Trainer:
                 if step % cfg.logging.interval == 0 or step == cfg.optim.train_steps:
                     elapsed = time.perf_counter() - window_start
                     per_iter = elapsed / window_steps
+                    wait = it.wait_s - window_wait  # this rank's time blocked in next(loader) in the window
+                    waited, timed = waited + wait, timed + elapsed
                     tflops = flops_step / per_iter / ctx.world_size / 1e12
                     rates.append(lay.global_batch_size * seq / per_iter)
                     writer.log_train(step, cfg.optim.train_steps, {
                         "consumed_samples": sampler.consumed_samples,
                         "consumed_tokens": sampler.consumed_samples * seq, "lr": lr, "loss": loss,
                         "grad_norm": norm, "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0),
-                        "skipped": result.skipped_micro_batches, "ms_per_iter": 1000 * per_iter,
+                        "skipped": result.skipped_steps, "dropped": result.skipped_micro_batches,
+                        "ms_per_iter": 1000 * per_iter, "data_wait_ms": 1000 * wait / window_steps,
+                        "data_wait_share": wait / elapsed if elapsed > 0 else 0.0,
                         "tokens_per_s": rates[-1], "tflops": tflops,
                         "mfu": None if peak is None else tflops / peak})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_wait = time.perf_counter(), 0, it.wait_s
                 if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and splits.valid is not None:
                     loss_v = self.evaluate(engine, splits.valid, cfg.logging.eval_iters)
                     result.eval_losses.setdefault("valid", {})[step] = loss_v
                     writer.log_eval(step, "valid", loss_v)
-                    window_start = time.perf_counter()
+                    window_start, window_wait = time.perf_counter(), it.wait_s
                 signal_now = self._all_max(1.0 if self.stop.requested else 0.0) > 0
                 exit_now = ck.exit_at_step is not None and step == ck.exit_at_step
                 if signal_now or exit_now:
@@ -404,7 +535,7 @@ class Trainer:
                     break
                 if ck.dir and ck.interval and step % ck.interval == 0 and step < cfg.optim.train_steps:
                     result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
-                    window_start = time.perf_counter()  # saving is not part of ms/iter
+                    window_start, window_wait = time.perf_counter(), it.wait_s  # saving is not part of ms/iter
             result.step, result.consumed_samples = step, sampler.consumed_samples
             if ck.dir and (ck.save_final or result.stopped != "finished"):
                 result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
@@ -418,7 +549,17 @@ class Trainer:
             self.stop.restore()
             writer.close()
         result.tokens_per_s = sum(rates) / len(rates) if rates else None
+        result.data_wait_share = waited / timed if timed > 0 else None
         self.engine = engine
+        return result
+
+    def _save_step0(self, engine, sampler, tokenizer_sha: Optional[str], result: TrainResult) -> TrainResult:
+        """optim.train_steps=0: the initial weights as the checkpoint of step 0 (tagged, with the client state and
+        `latest` as any other), no optimizer step."""
+        result.checkpoint = self._save(engine, 0, sampler, tokenizer_sha)
+        result.step, result.consumed_samples = 0, sampler.consumed_samples
+        self.engine = engine
+        self.log(f"optim.train_steps=0: wrote the initial weights as {result.checkpoint}; no training step")
         return result
 
     @staticmethod
@@ -431,16 +572,59 @@ class Trainer:
             for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
                 group["lr"] = lr
 
-    def _check_grad_norm(self, norm: Optional[float], iteration: int) -> None:
-        """A non-finite gradient norm with a finite loss: bf16/fp16 optimizers skip such a step themselves; fp32
-        ones apply it, so the run stops after K in a row rather than train on a broken model."""
-        if norm is None or math.isfinite(norm):
-            self._bad_norms = 0
+    def _count_skipped(self, skipped: Optional[str], loss: float, norm: Optional[float], iteration: int,
+                       result: TrainResult) -> None:
+        """A skipped optimizer step is counted; K non-finite ones in a row stop the run (fp16 loss-scale overflows
+        are counted but are part of finding the scale). A non-finite norm or loss on a step that was applied anyway
+        would be a hole in `FiniteStepGuard`: refuse to go on with a broken model."""
+        if skipped == "loss_scale":
+            result.skipped_steps += 1
+            self.log(f"iteration {iteration}: fp16 loss-scale overflow; optimizer step skipped, the scale lowered")
             return
-        self._bad_norms = getattr(self, "_bad_norms", 0) + 1
-        self.log(f"iteration {iteration}: non-finite gradient norm ({self._bad_norms} in a row)")
-        if self._bad_norms >= self.config.optim.max_nonfinite_in_a_row:
-            raise TrainingAborted(f"{self._bad_norms} non-finite gradient norms in a row at iteration {iteration}")
+        if not skipped:
+            if (norm is not None and not math.isfinite(norm)) or not math.isfinite(loss):
+                raise TrainingAborted(f"iteration {iteration}: a non-finite loss ({loss}) or gradient norm ({norm}) "
+                                      f"reached an optimizer step that was applied; the weights are not trustworthy")
+            self._bad_steps = 0
+            return
+        result.skipped_steps += 1
+        self._bad_steps = getattr(self, "_bad_steps", 0) + 1
+        what = "loss or gradients" if self.pipeline else "gradients"
+        self.log(f"iteration {iteration}: non-finite {what} on some rank; optimizer step skipped "
+                 f"({self._bad_steps} in a row)")
+        limit = self.config.optim.max_nonfinite_in_a_row
+        if self._bad_steps >= limit:
+            raise TrainingAborted(
+                f"{self._bad_steps} non-finite {what} in a row at iteration {iteration} (optim.max_nonfinite_in_a_row"
+                f"={limit}): lower optim.lr, check the data, or resume from an earlier checkpoint")
+
+    def _repair_optimizer_after_load(self, engine) -> None:
+        """Undo two defects of DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load
+        (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`), which made a ZeRO-3
+        layout-change resume drift from the uninterrupted run (tiny config, 2 ranks -> 1, and even 2 -> 2 through the
+        universal checkpoint: +2.6e-4 in the loss one step after the resume, +1.3e-3 after two; the weights, Adam
+        moments and step counts it loads are exact):
+        - it stores ONE `step` tensor object in the state of every sub-group's flat fp32 partition; torch's AdamW
+          increments `step` in place once per sub-group step, so with two sub-groups (our decay / no-decay groups)
+          the second one saw step k+1 at step k, then k+3, k+5...: a wrong Adam bias correction. Each state gets
+          its own copy here (a no-op for unshared steps, ZeRO-0/1/2).
+        - it copies the hyperparameters of the saved group 0 into every group, so the no-decay group (biases,
+          norms, EMA coefficients) came back with the matrices' weight decay. The groups' weight decay, betas and
+          eps are set from the config here, as `param_groups` builds them; the lr is the schedule's (`_sync_lr`).
+        """
+        scheduler = engine.lr_scheduler
+        optimizer = scheduler.optimizer if scheduler is not None else engine.optimizer
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        optim = self.config.optim
+        wanted = [optim.weight_decay, 0.0]  # param_groups(): matrices, then the rest
+        if len(optimizer.param_groups) != len(wanted):
+            return
+        for group, decay in zip(optimizer.param_groups, wanted):
+            group["weight_decay"] = decay
+            group["betas"] = tuple(optim.betas)
+            group["eps"] = optim.eps
 
     def _reseed(self, step: int) -> None:
         seed = (self.config.seed * 1_000_003 + step * 9973 + self.context.rank) % (2 ** 31)

@@ -38,11 +38,12 @@ def runs(tiny_dict, tmp_path_factory):
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     source.save_pretrained(dirs["hf_source"])
+    # each ZeRO run also saves the weights its engine ends with (<dir>.final.pt), gathered from the live process
     jobs = [
-        job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=dirs["zero0"], **STEPS),
-        job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=dirs["zero1"], **STEPS),
-        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=dirs["zero2"], **STEPS),
-        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=dirs["zero3"], **STEPS),
+        job(tiny_dict, "final_state", {"path": dirs[f"zero{stage}"] + ".final.pt"}, parallel__zero_stage=stage,
+            checkpoint__dir=dirs[f"zero{stage}"], **STEPS)
+        for stage in range(4)
+    ] + [
         job(tiny_dict, objective="mlm", model__is_decoder=False, model__bidirectional=True,
             checkpoint__dir=dirs["mlm"], **STEPS),
         # last: a plain engine after a pipeline engine in the same process trips DeepSpeed's global state
@@ -74,6 +75,20 @@ def test_every_layout_converts_to_the_same_model(runs, tmp_path):
         assert convert(runs[name], str(tmp_path / name)) == 0
         files = set(os.listdir(tmp_path / name))
         assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "README.md"} <= files
+    # every ZeRO stage: the converted weights are the training process's final weights, bit for bit
+    for stage in range(4):
+        live = torch.load(runs[f"zero{stage}"] + ".final.pt")
+        converted = load_file(str(tmp_path / f"zero{stage}" / "model.safetensors"))
+        live_names = {name.removeprefix("lm.") for name in live}
+        # the tied LM head is one parameter in the engine, saved under both names; the rotary bias's placeholder
+        # buffer (transformers' layout) is no parameter
+        extra = {name for name in set(converted) - live_names if not name.endswith("._float_tensor")}
+        assert extra <= {"lm_head.weight"}, extra
+        if "lm_head.weight" in converted and "lm_head.weight" not in live_names:
+            assert torch.equal(converted["lm_head.weight"], converted["mega.embedding_layer.word_embeddings.weight"])
+        for name, tensor in live.items():
+            if name.removeprefix("lm.") in converted:
+                assert torch.equal(converted[name.removeprefix("lm.")], tensor), (stage, name)
     ids = torch.randint(3, 2000, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = hidden(str(tmp_path / "zero0"), ids)
     for name in ("zero1", "zero2", "zero3", "pipe"):
@@ -200,3 +215,41 @@ def test_hf_directory_becomes_a_pipeline_training_checkpoint(runs, tmp_path):
     for name, tensor in source.items():
         # one AdamW step at lr 1e-9 moves a weight by ~1e-9; a wrong mapping would move it by ~0.05
         torch.testing.assert_close(weights.state[name], tensor, rtol=0, atol=1e-7, msg=name)
+
+
+def test_real_checkpoints_carry_the_format_version_and_damage_is_refused(runs, tmp_path, capsys):
+    """Every checkpoint the trainer writes is stamped (trainer_state.json and DeepSpeed's client state); a missing
+    ZeRO partition and a config that does not match the pipeline layer files are one clear error each."""
+    import shutil
+
+    from megatron_mega.training import checkpointing
+
+    for name in ("zero0", "zero3", "pipe"):
+        tag = open(os.path.join(runs[name], "latest")).read().strip()
+        state = json.loads(open(os.path.join(runs[name], tag, "trainer_state.json")).read())
+        assert state["format_version"] == checkpointing.FORMAT_VERSION, name
+    blob = torch.load(os.path.join(runs["zero0"], "step00000004", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert blob["format_version"] == checkpointing.FORMAT_VERSION
+
+    def one_line_error(checkpoint, *pieces):
+        out = tmp_path / "out"
+        assert convert(str(checkpoint), str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(p in err for p in pieces), err
+        assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+    zero = tmp_path / "zero3"
+    shutil.copytree(runs["zero3"], zero)
+    next((zero / "step00000004").glob("*rank_1*optim_states.pt")).unlink()
+    one_line_error(zero, "cannot reconstruct the ZeRO weights")
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(runs["pipe"], pipe)
+    state_file = pipe / "step00000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["intermediate_size"] = 48
+    state_file.write_text(json.dumps(state))
+    one_line_error(pipe, "trainer_state.json: its model config does not match the layer files", "size mismatch")
+    state["format_version"] = checkpointing.FORMAT_VERSION + 1
+    state_file.write_text(json.dumps(state))
+    one_line_error(pipe, "trainer_state.json: field 'format_version' is")

@@ -73,3 +73,14 @@ def test_sampler_errors_name_the_argument():
     with pytest.raises(SamplerError, match="missing"):
         sampler.load_state_dict({"consumed_samples": 3})
     assert len(PretrainingSampler(10, 3, 0, 1, consumed_samples=2)) == 2
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_making_an_iterator_leaves_the_global_rng_alone(train, workers):
+    """A resumed run restores torch's RNG and then makes its loader iterator; if that drew from the global RNG,
+    its dropout masks would differ from the uninterrupted run's (whose iterator drew before step 1)."""
+    loader, _ = make_loader(train, micro_batch_size=4, data_parallel_rank=0, data_parallel_size=1,
+                            num_workers=workers)
+    before = torch.random.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.random.get_rng_state(), before)

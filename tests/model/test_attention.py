@@ -38,7 +38,9 @@ def slow_attention(q, k, v, key_mask, bias_fn, activation, causal, chunk):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk", [None, 5])
 @pytest.mark.parametrize("padded", [False, True])
-def test_chunked_attention_matches_slow_reference(activation, causal, chunk, padded):
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit"])
+def test_chunked_attention_matches_slow_reference(activation, causal, chunk, padded, explicit):
+    """`explicit` (the weights asked for) takes the matmul path that CUDA always takes, fused the CPU's SDPA."""
     config = tiny_config(attention_activation=activation, relative_positional_bias="simple",
                          use_chunking=chunk is not None, chunk_size=chunk or -1, decoder=causal)
     bias = MegaSimpleRelativePositionalBias(config).double()
@@ -51,7 +53,7 @@ def test_chunked_attention_matches_slow_reference(activation, causal, chunk, pad
         mask = torch.ones(2, 13, dtype=torch.bool)
         mask[0, :3] = False  # left padding
         mask[1, 10:] = False  # right padding
-    out, _ = attention(q, k, v, mask, bias)
+    out, _ = attention(q, k, v, mask, bias, output_attentions=explicit)
     ref = slow_attention(q, k, v, mask, bias, activation, causal, chunk)
     if padded:  # only real queries have defined outputs
         out, ref = out[mask], ref[mask]
@@ -142,3 +144,34 @@ def test_feature_dropout_drops_whole_channels():
     per_channel = out.transpose(1, 2).reshape(4 * 64, 50)
     assert all(len(set(row.tolist())) == 1 for row in per_channel)  # a channel is kept or dropped as a whole
     assert 0.3 < (per_channel[:, 0] == 0).float().mean() < 0.7
+
+
+def test_the_cuda_attention_path_in_a_model_on_the_cpu(monkeypatch):
+    """The matmul path CUDA takes, forced on the CPU: the same model outputs and gradients as SDPA in float32, and
+    under bfloat16 autocast (weights in bfloat16 after softmax) a loss and gradients close to float32's."""
+    import megatron_mega.model.attention as attention_module
+    from megatron_mega import MegaForCausalLM
+    from tests.helpers import token_ids
+
+    config = tiny_config(decoder=True, use_chunking=True, chunk_size=8, relative_positional_bias="rotary")
+    model = MegaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = token_ids(2, 40)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    fused = loss_and_grads()
+    monkeypatch.setattr(attention_module, "fused_softmax_attention", lambda q: False)
+    explicit = loss_and_grads()
+    torch.testing.assert_close(explicit[0], fused[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(explicit[1], fused[1], rtol=1e-4, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = loss_and_grads()
+    assert abs(float(low[0]) - float(fused[0])) / float(fused[0]) < 0.02
+    assert torch.nn.functional.cosine_similarity(low[1], fused[1], dim=0) > 0.98

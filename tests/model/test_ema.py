@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
 from megatron_mega.model.mega_model import MegaModel
 from tests.helpers import tiny_config
@@ -101,3 +102,20 @@ def test_half_precision_input_is_smoothed_in_float32():
     out, _ = ema.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_ema_ignores_autocast(bidirectional):
+    """Under bfloat16 autocast the kernel's matmul would round q^l to 3 digits; the EMA keeps its own precision,
+    so its output under autocast is the float32 output, bit for bit."""
+    torch.manual_seed(0)
+    config = MegaConfig(hidden_size=16, ema_projection_size=4, bidirectional=bidirectional, is_decoder=not bidirectional)
+    ema = MegaMultiDimensionDampedEma(config)
+    for p in ema.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 300, 16)
+    expected, _ = ema(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = ema(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)

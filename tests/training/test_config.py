@@ -43,10 +43,17 @@ def test_overrides_and_round_trip():
     (["optim.decay=step"], "optim.decay"),
     (["model.use_chunking=false", "data.seq_len=4096"], "exceeds model.max_positions"),
     (["bogus.x=1"], "bogus: unknown section"),
+    (["optim.train_steps=0"], "optim.train_steps: 0 writes the initial weights as a step-0 checkpoint"),
+    (["optim.train_steps=-1"], "optim.train_steps: must be a positive integer"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(TrainConfigError, match=message):
         load_train_config(TINY, overrides)
+
+
+def test_zero_train_steps_means_a_step0_checkpoint():
+    config = load_train_config(TINY, ["optim.train_steps=0", "checkpoint.dir=/tmp/x"])
+    assert config.optim.train_steps == 0 and config.checkpoint.dir == "/tmp/x"
 
 
 def test_layout_checks_the_batch_arithmetic():

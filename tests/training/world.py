@@ -66,7 +66,117 @@ class HangTrainer(Trainer):
         return super().compute_loss(engine, batch, step)
 
 
-TRAINERS = {"plain": Trainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer}
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite); the gradient flowing back is multiplied by inf."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _weights(engine) -> list[torch.Tensor]:
+    """This rank's full copy of its module's weights (ZeRO-3: gathered)."""
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
+    return [p.detach().clone() for p in params]
+
+
+class WatchedTrainer(Trainer):
+    """Keeps the weights at the start of every step; the result gets `changed`: step (1-based) -> whether that
+    optimizer step changed any weight on any rank (torch.equal, every tensor)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.snapshots: dict[int, list[torch.Tensor]] = {}
+
+    def _watch(self, engine, step):
+        if step not in self.snapshots:
+            self.snapshots[step] = _weights(engine)
+
+    def train(self):
+        result = super().train()
+        self._watch(self.engine, result.step)
+        changed = {}
+        for step in sorted(self.snapshots):
+            if step + 1 in self.snapshots:
+                local = any(not torch.equal(a, b) for a, b in zip(self.snapshots[step], self.snapshots[step + 1]))
+                changed[step + 1] = self._all_max(1.0 if local else 0.0) > 0
+        result.changed = changed
+        return result
+
+
+class GradNanTrainer(WatchedTrainer):
+    """Finite losses, but the gradients of the micro-batches listed as (step, micro index, rank) are made inf/NaN."""
+
+    def __init__(self, *args, nan_grad_at=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_grad_at = {tuple(x) for x in nan_grad_at}
+        self.calls: dict[int, int] = {}
+
+    def compute_loss(self, engine, batch, step):
+        index = self.calls.get(step, 0)
+        self.calls[step] = index + 1
+        if index == 0:
+            self._watch(engine, step)
+        loss = super().compute_loss(engine, batch, step)
+        if (step, index, self.context.rank) in self.nan_grad_at:
+            loss = _PoisonGrad.apply(loss)
+        return loss
+
+
+class PipeInfTrainer(WatchedTrainer):
+    """Pipeline path: the last stage's loss of the first micro-batch of the listed steps (0-based) is inf."""
+
+    def __init__(self, *args, inf_at=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inf_at = set(inf_at)
+
+    def _pipeline_step(self, engine, it, sampler, step, result):
+        self._watch(engine, step)
+        module = engine.module
+        if step not in self.inf_at or not engine.is_last_stage():
+            return super()._pipeline_step(engine, it, sampler, step, result)
+        original, calls = module.loss_fn, []
+
+        def poisoned(outputs, labels):
+            loss = original(outputs, labels)
+            calls.append(1)
+            return loss * float("inf") if len(calls) == 1 else loss
+
+        module.loss_fn = poisoned
+        try:
+            return super()._pipeline_step(engine, it, sampler, step, result)
+        finally:
+            module.loss_fn = original
+
+
+class FinalStateTrainer(Trainer):
+    """After training, rank 0 saves the live engine's module state (ZeRO-3: gathered) to `path`: the weights the
+    training process ends with, to compare a converted checkpoint against."""
+
+    def __init__(self, *args, path=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = path
+
+    def train(self):
+        result = super().train()
+        names = [name for name, _ in self.engine.module.named_parameters()]
+        weights = _weights(self.engine)
+        if self.context.rank == 0:
+            torch.save(dict(zip(names, weights)), self.path)
+        return result
+
+
+TRAINERS = {"plain": Trainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer,
+            "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
 
 def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
