@@ -131,6 +131,8 @@ def run_worker(impl: str, case: str, steps: int, threads: int) -> None:
     torch.set_num_threads(threads)
     extra = {}
     if impl == "ours":
+        # measure the checkout this script lives in (a worktree, say), not whichever copy the venv has installed
+        sys.path.insert(0, str(REPO_ROOT))
         try:
             from megatron_mega import MegaConfig, MegaForMaskedLM
         except ImportError as err:

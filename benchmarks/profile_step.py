@@ -38,6 +38,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     if args.impl == "ours":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not the installed one
         from megatron_mega import MegaConfig, MegaForMaskedLM
     else:
         import transformers
