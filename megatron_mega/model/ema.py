@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_mega.model.derived import DerivedTensors
 from megatron_mega.model.fft_conv import fft_convolution
 
 
@@ -45,10 +46,16 @@ class MegaMultiDimensionDampedEma(nn.Module):
         self.ema_expansion_matrix = nn.Parameter(torch.empty(kernel_dim, self.ndim, 1))  # beta
         self.kernel_projection_matrix = nn.Parameter(torch.empty(kernel_dim, self.ndim))  # eta
         self.residual_weight = nn.Parameter(torch.empty(config.hidden_size))  # omega
+        self._derived = DerivedTensors()
 
     # ------------------------------------------------------------------ coefficients and kernel
     def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input weight p*beta, decay q, output weight eta/sqrt(N)), each (kernel_dim, N), in `dtype`."""
+        """(input weight p*beta, decay q, output weight eta/sqrt(N)), each (kernel_dim, N), in `dtype`; memoised
+        while autograd is off (decoding asks for them at every token)."""
+        params = (self.damping_factor, self.decay_factor, self.ema_expansion_matrix, self.kernel_projection_matrix)
+        return self._derived.get(params, dtype, lambda: self._coefficients(dtype))
+
+    def _coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = torch.sigmoid(self.damping_factor.to(dtype)).squeeze(-1)
         q = 1.0 - p * torch.sigmoid(self.decay_factor.to(dtype)).squeeze(-1)
         return p * self.ema_expansion_matrix.to(dtype).squeeze(-1), q, self.kernel_projection_matrix.to(dtype) * self.scale

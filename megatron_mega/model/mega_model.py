@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_mega.model.block import MegaBlock
 from megatron_mega.model.cache import MegaCache
 from megatron_mega.model.config import MegaConfig
+from megatron_mega.model.derived import memoising
 from megatron_mega.model.embeddings import MegaEmbeddings
 from megatron_mega.model.outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from megatron_mega.model.pretrained import MegaPreTrainedModel
@@ -103,21 +104,23 @@ class MegaModel(MegaPreTrainedModel):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         new_layers = []
-        for index, layer in enumerate(self.layers):
-            layer_cache = None if past_key_values is None else past_key_values[index]
-            if self.gradient_checkpointing and self.training:
-                hidden_states, new_cache, weights = checkpoint(
-                    layer, hidden_states, mask, layer_cache, use_cache, output_attentions,
-                    use_reentrant=False, **self.gradient_checkpointing_kwargs)
-            else:
-                hidden_states, new_cache, weights = layer(
-                    hidden_states, mask, cache=layer_cache, use_cache=use_cache,
-                    output_attentions=output_attentions)
-            new_layers.append(new_cache)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (weights,)
+        # decoding memoises what it derives from the parameters (model/derived.py)
+        with memoising(use_cache):
+            for index, layer in enumerate(self.layers):
+                layer_cache = None if past_key_values is None else past_key_values[index]
+                if self.gradient_checkpointing and self.training:
+                    hidden_states, new_cache, weights = checkpoint(
+                        layer, hidden_states, mask, layer_cache, use_cache, output_attentions,
+                        use_reentrant=False, **self.gradient_checkpointing_kwargs)
+                else:
+                    hidden_states, new_cache, weights = layer(
+                        hidden_states, mask, cache=layer_cache, use_cache=use_cache,
+                        output_attentions=output_attentions)
+                new_layers.append(new_cache)
+                if output_hidden_states:
+                    all_hidden_states += (hidden_states,)
+                if output_attentions:
+                    all_attentions += (weights,)
         next_cache = MegaCache(new_layers, past + length) if use_cache else None
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(

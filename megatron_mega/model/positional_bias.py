@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from megatron_mega.model.derived import DerivedTensors, memoising_active
+
 
 class MegaSimpleRelativePositionalBias(nn.Module):
     """A learned scalar per relative distance j - i.
@@ -42,6 +44,7 @@ class MegaRotaryRelativePositionalBias(nn.Module):
         self.b_param = nn.Parameter(torch.empty(1, self.embed_dim))
         # carried for transformers' state-dict layout (it holds the dtype/device of the sinusoid tables there)
         self.register_buffer("_float_tensor", torch.zeros(1))
+        self._alpha_table, self._beta_table = DerivedTensors(), DerivedTensors()
 
     def _rotate(self, vector: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         half = self.embed_dim // 2
@@ -52,9 +55,21 @@ class MegaRotaryRelativePositionalBias(nn.Module):
         first, second = vector[..., :half], vector[..., half:]
         return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
+    def _rotated(self, vector: torch.Tensor, positions: torch.Tensor, derived: DerivedTensors,
+                 size: int) -> torch.Tensor:
+        """_rotate(vector, positions); while decoding, rows of a memoised table of positions 0 .. size-1 (a power
+        of two >= size; the same numbers: the rotation is elementwise per position)."""
+        if not memoising_active():
+            return self._rotate(vector, positions)
+        size = 1 << max(0, (size - 1).bit_length())
+        table = derived.get((vector,), size, lambda: self._rotate(vector, torch.arange(size, device=vector.device)))
+        return table.index_select(0, positions)
+
     def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        rotated_alpha = self._rotate(self.alpha, query_positions)  # (Q, z)
-        rotated_beta = self._rotate(self.b_param, key_positions)  # (K, z)
+        """Positions are in [0, max(len(query_positions), len(key_positions))), as the attention asks for them."""
+        size = max(query_positions.numel(), key_positions.numel())
+        rotated_alpha = self._rotated(self.alpha, query_positions, self._alpha_table, size)  # (Q, z)
+        rotated_beta = self._rotated(self.b_param, key_positions, self._beta_table, size)  # (K, z)
         return rotated_alpha @ rotated_beta.transpose(0, 1)
 
 
