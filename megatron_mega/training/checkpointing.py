@@ -118,7 +118,8 @@ def read_state(directory: str, tag: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             state = json.load(fh)
     except FileNotFoundError:
-        raise RuntimeError(f"{path}: missing; {directory}/{tag} is not a checkpoint written by this trainer") from None
+        raise CheckpointFormatError(f"{path}: missing; {directory}/{tag} is not a checkpoint written by this "
+                                    f"trainer") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointFormatError(f"{path}: not a JSON trainer state ({err})") from None
     if not isinstance(state, dict):

@@ -65,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megatron_mega.data.manifest import ManifestError
     from megatron_mega.data.sampler import SamplerError
     from megatron_mega.data.tokenizer import TokenizerError
+    from megatron_mega.model.pretrained import CheckpointError
     from megatron_mega.training.config import TrainConfigError, load_train_config
     from megatron_mega.training.distributed import env_context
     from megatron_mega.training.trainer import TrainingAborted, run_training
@@ -77,8 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
         result = run_training(config)
     except (TrainConfigError, DataConfigError, ManifestError, TokenizerError, SamplerError,
-            IndexedDatasetError) as err:
-        # a bad config, a missing or mismatched dataset/tokenizer: one line, no traceback
+            IndexedDatasetError, CheckpointError) as err:
+        # a bad config, a missing or mismatched dataset/tokenizer/checkpoint: one line, no traceback
         print(f"megatron-mega: error: {err}", file=sys.stderr)
         return 2
     except TrainingAborted as err:

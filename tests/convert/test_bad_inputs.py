@@ -328,3 +328,15 @@ def test_resuming_a_newer_format_is_one_line(tmp_path, tiny, pydoc_dataset):
     assert done.returncode == 2, done
     assert "trainer_state.json: field 'format_version' is 2, newer than" in done.stderr, done.stderr
     assert sorted(os.listdir(run)) == ["latest", "step00000003"]
+
+
+def test_resuming_a_folder_that_is_no_checkpoint_is_one_line(tmp_path, pydoc_dataset):
+    run = tmp_path / "ck"
+    (run / "step00000003").mkdir(parents=True)
+    (run / "latest").write_text("step00000003\n")
+    done = train_command(pydoc_dataset, f"checkpoint.dir={run}", "optim.train_steps=4")
+    assert done.returncode == 2, done
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (f"megatron-mega: error: {run}/step00000003/trainer_state.json: missing; {run}/step00000003 "
+                         f"is not a checkpoint written by this trainer"), done.stderr
+    assert "Traceback" not in done.stderr
