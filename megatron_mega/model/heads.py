@@ -11,7 +11,7 @@ from torch import nn
 
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.generation import MegaGenerationMixin
-from megatron_mega.model.lm_loss import labelled_rows, linear_cross_entropy
+from megatron_mega.model.lm_loss import LMHeadTransform, lm_head_loss
 from megatron_mega.model.mega_model import MegaModel
 from megatron_mega.model.outputs import (
     CausalLMOutputWithCrossAttentions,
@@ -42,7 +42,7 @@ def _as_tuple(loss, head_outputs: tuple, base_outputs) -> tuple:
     return (loss,) + out if loss is not None else out
 
 
-class _LMHeadModel(MegaPreTrainedModel):
+class _LMHeadModel(MegaPreTrainedModel, LMHeadTransform):
     """Shared by the causal and masked LM: optional dense+tanh, then a projection tied to the embeddings."""
 
     _head_name = ""
@@ -50,12 +50,7 @@ class _LMHeadModel(MegaPreTrainedModel):
     def __init__(self, config: MegaConfig):
         super().__init__(config)
         self.mega = MegaModel(config, add_pooling_layer=False)
-        if config.add_lm_hidden_dense_layer:
-            self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-            self.hidden_activation = nn.Tanh()
-        else:
-            self.dense = None
-            self.hidden_activation = None
+        self.init_lm_transform(config)
         setattr(self, self._head_name, nn.Linear(config.hidden_size, config.vocab_size))
         self.post_init()
 
@@ -65,17 +60,13 @@ class _LMHeadModel(MegaPreTrainedModel):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         setattr(self, self._head_name, new_embeddings)
 
-    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.hidden_activation(self.dense(hidden)) if self.dense is not None else hidden
-
     def lm_logits(self, sequence_output: torch.Tensor) -> torch.Tensor:
         return self.get_output_embeddings()(self.transform(sequence_output))
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the positions with a label, without materialising (tokens x vocab) logits."""
-        hidden, targets = labelled_rows(hidden, labels, IGNORE_INDEX)
         head = self.get_output_embeddings()
-        return linear_cross_entropy(self.transform(hidden), head.weight, head.bias, targets)
+        return lm_head_loss(hidden, labels, self.transform, head.weight, head.bias, IGNORE_INDEX)
 
     def logits_later(self, output, hidden: torch.Tensor) -> None:
         """With labels the loss does not need the logits: compute them only if `output.logits` is read. Reading

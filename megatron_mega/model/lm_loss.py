@@ -139,3 +139,28 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     if hidden.shape[0] == 0:
         return (hidden.sum() + weight.sum() * 0.0) / 0.0
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+
+
+def lm_head_loss(hidden: torch.Tensor, labels: torch.Tensor, transform, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], ignore_index: int = -100) -> torch.Tensor:
+    """The LM heads' loss (the plain model's and the pipeline's last stage): `transform` (the optional dense+tanh)
+    and the output projection applied to the labelled rows only, fused with the cross-entropy."""
+    rows, targets = labelled_rows(hidden, labels, ignore_index)
+    return linear_cross_entropy(transform(rows), weight, bias, targets)
+
+
+class LMHeadTransform:
+    """Mixin for the modules that own an LM head (the causal/masked LM models and the pipeline's last stage):
+    transformers' optional dense+tanh before the output projection, as attributes `dense` and `hidden_activation`
+    of the owner, so the state-dict names are the owner's (`dense.weight`)."""
+
+    def init_lm_transform(self, config) -> None:
+        if config.add_lm_hidden_dense_layer:
+            self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+            self.hidden_activation = torch.nn.Tanh()
+        else:
+            self.dense = None
+            self.hidden_activation = None
+
+    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.hidden_activation(self.dense(hidden)) if self.dense is not None else hidden

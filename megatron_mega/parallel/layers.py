@@ -15,7 +15,7 @@ from torch import nn
 
 from megatron_mega.model.block import MegaBlock
 from megatron_mega.model.embeddings import MegaEmbeddings
-from megatron_mega.model.lm_loss import labelled_rows, linear_cross_entropy
+from megatron_mega.model.lm_loss import LMHeadTransform, lm_head_loss
 from megatron_mega.model.mega_model import padding_mask_from
 
 IGNORE_INDEX = -100
@@ -53,7 +53,7 @@ class MegaBlockPipe(MegaBlock):
         return join_activations(hidden, mask)
 
 
-class LMHeadPipe(nn.Module):
+class LMHeadPipe(nn.Module, LMHeadTransform):
     """The LM head's own parameters: dense (+tanh) when config.add_lm_hidden_dense_layer, the output bias, and the
     output weight only when it is not tied to the word embeddings. Its forward passes the hidden states on; the
     loss (`loss`) applies the head to the labelled rows only, as `MegaForCausalLM.lm_loss` does, so no
@@ -61,12 +61,7 @@ class LMHeadPipe(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        if config.add_lm_hidden_dense_layer:
-            self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-            self.hidden_activation = nn.Tanh()
-        else:
-            self.dense = None
-            self.hidden_activation = None
+        self.init_lm_transform(config)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.weight = (None if config.tie_word_embeddings
                        else nn.Parameter(torch.zeros(config.vocab_size, config.hidden_size)))
@@ -74,14 +69,10 @@ class LMHeadPipe(nn.Module):
     def forward(self, inputs: Activations) -> torch.Tensor:
         return split_activations(inputs)[0]
 
-    def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.hidden_activation(self.dense(hidden)) if self.dense is not None else hidden
-
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy over positions whose label is not -100; `weight` is the tied word embedding."""
         weight = self.weight if self.weight is not None else weight
-        rows, targets = labelled_rows(hidden, labels, IGNORE_INDEX)
-        return linear_cross_entropy(self.transform(rows), weight, self.bias, targets)
+        return lm_head_loss(hidden, labels, self.transform, weight, self.bias, IGNORE_INDEX)
 
 
 def tied_embedding_passthrough(embedding: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
