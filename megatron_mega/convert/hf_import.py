@@ -19,7 +19,7 @@ import os
 import torch
 
 from megatron_mega.model.config import MegaConfig
-from megatron_mega.model.pretrained import CheckpointError, read_state_dict
+from megatron_mega.model.pretrained import CheckpointError, read_state_dict, safetensors_files
 from megatron_mega.training.config import TrainConfigError
 
 # the transformers major versions whose MEGA config.json / weight layout this code reads (MEGA was in 4.x only)
@@ -35,27 +35,6 @@ ARCHITECTURE_FIELDS = (
     "nffn_hidden_size", "normalize_before_ffn", "max_positions", "add_token_type_embeddings", "type_vocab_size",
     "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder",
 )
-
-
-def _safetensors_files(directory: str) -> list[str]:
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if not os.path.exists(index):
-        return []
-    try:
-        with open(index, encoding="utf-8") as fh:
-            weight_map = json.load(fh)["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{index}: not a safetensors index (field 'weight_map': {err!r})") from None
-    paths = [os.path.join(directory, shard) for shard in shards]
-    missing = [shard for shard, path in zip(shards, paths) if not os.path.exists(path)]
-    if missing:
-        raise CheckpointError(f"{index}: lists shard {missing[0]}, which is missing"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return paths
 
 
 def check_hf_directory(directory: str) -> dict:
@@ -86,7 +65,7 @@ def check_hf_directory(directory: str) -> dict:
         if not major.isdigit() or int(major) not in SUPPORTED_TRANSFORMERS_MAJORS:
             raise CheckpointError(f"{path}: field 'transformers_version' is {written_by!r}; MEGA checkpoints are "
                                   f"read from transformers 4.x only (5.0 removed MEGA), so this format is unknown")
-    for weights in _safetensors_files(directory):
+    for weights in safetensors_files(directory):
         try:
             with safe_open(weights, framework="pt") as fh:
                 metadata = fh.metadata()

@@ -72,6 +72,38 @@ def _parse_size(size: int | str) -> int:
     return int(number * base ** {"K": 1, "M": 2, "G": 3}[unit[0]])
 
 
+def _weight_map(index_path: str) -> dict[str, str]:
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            weight_map = json.load(fh)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"a {type(weight_map).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index_path}: not a safetensors index (field 'weight_map': {err!r})") from None
+    return weight_map
+
+
+def _shard_paths(directory: str, index_path: str, weight_map: dict[str, str]) -> list[str]:
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not os.path.exists(os.path.join(directory, shard))]
+    if missing:
+        raise CheckpointError(f"{index_path}: lists shard {missing[0]}, which is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return [os.path.join(directory, shard) for shard in shards]
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index lists (all
+    present, else CheckpointError naming the index and the first missing shard); [] when it has neither."""
+    single_path = os.path.join(directory, SAFE_WEIGHTS_NAME)
+    if os.path.exists(single_path):
+        return [single_path]
+    index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
+    if not os.path.exists(index_path):
+        return []
+    return _shard_paths(directory, index_path, _weight_map(index_path))
+
+
 def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """The tensors of a Hugging Face-format checkpoint directory, without unpickling anything."""
     from safetensors.torch import load_file
@@ -82,14 +114,10 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
     if os.path.exists(single_path):
         return load_file(single_path)
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as fh:
-            weight_map = json.load(fh).get("weight_map", {})
+        weight_map = _weight_map(index_path)
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(directory, shard)
-            if not os.path.exists(shard_path):
-                raise CheckpointError(f"{index_path}: lists shard {shard}, which is missing")
-            state.update(load_file(shard_path))
+        for path in _shard_paths(directory, index_path, weight_map):
+            state.update(load_file(path))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise CheckpointError(f"{index_path}: tensors listed but not found in the shards: {missing[:5]}")
