@@ -214,13 +214,19 @@ def build_model(config: TrainConfig, init_state: Optional[dict[str, torch.Tensor
     return LMLoss(lm, config.objective)
 
 
+def group_weight_decays(weight_decay: float) -> tuple[float, float]:
+    """The weight decay of each of `param_groups`' groups, in order: the matrices', then the rest's."""
+    return weight_decay, 0.0
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not on biases, norms' scales, EMA coefficients of rank < 2)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": wd}
+            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay))]
 
 
 class Trainer:
@@ -446,15 +452,16 @@ class Trainer:
         tokenizer_sha = splits.tokenizer.sha256 if splits.tokenizer is not None else None
         ck = cfg.checkpoint
         load_dir, tag, universal = self._resume_plan()
-        if tag is not None and cfg.optim.train_steps == 0:
-            saved_step = checkpointing.read_state(load_dir, tag).get("step")
+        saved = checkpointing.read_state(load_dir, tag) if tag is not None else None
+        if saved is not None and cfg.optim.train_steps == 0:
+            saved_step = saved.get("step")
             if saved_step != 0:
                 raise TrainConfigError(
                     f"optim.train_steps: 0 writes the initial weights of a fresh run as a step-0 checkpoint, but "
                     f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from (use a new checkpoint.dir "
                     f"or checkpoint.load=null)")
-        if tag is not None:
-            saved_sha = checkpointing.read_state(load_dir, tag).get("tokenizer_sha256")
+        if saved is not None:
+            saved_sha = saved.get("tokenizer_sha256")
             if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
                 raise TrainConfigError(f"data.paths: {load_dir}/{tag} was trained on data tokenized with tokenizer "
                                        f"sha256 {saved_sha[:12]}…, the configured data uses {tokenizer_sha[:12]}…")
@@ -618,7 +625,7 @@ class Trainer:
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
         optim = self.config.optim
-        wanted = [optim.weight_decay, 0.0]  # param_groups(): matrices, then the rest
+        wanted = group_weight_decays(optim.weight_decay)
         if len(optimizer.param_groups) != len(wanted):
             return
         for group, decay in zip(optimizer.param_groups, wanted):
