@@ -21,7 +21,7 @@ _MEMOISING: ContextVar[bool] = ContextVar("megatron_mega_memoising", default=Fal
 
 @contextmanager
 def memoising(enabled: bool = True) -> Iterator[None]:
-    token = _MEMOISING.set(enabled and not torch.is_grad_enabled())
+    token = _MEMOISING.set(enabled)  # autograd mode is checked where the memo is read (memoising_active)
     try:
         yield
     finally:

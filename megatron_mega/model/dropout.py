@@ -80,10 +80,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     uniform number per element (`dropout_noise`); other devices and p = 1 use F.dropout itself."""
     if not training or p == 0.0:
         return x
-    if p >= 1.0:
+    if p >= 1.0 or x.device.type != "cpu":
+        # accelerators: one fused kernel with a fast counter-based generator; p = 1: all zeros
         return F.dropout(x, p, True)
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)  # one fused kernel on accelerators, with a fast counter-based generator
     if p <= _GEOMETRIC_MAX_P:
         return _PositionDropout.apply(x, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
     return x * dropout_noise(x, p)

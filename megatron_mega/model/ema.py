@@ -95,7 +95,8 @@ class MegaMultiDimensionDampedEma(nn.Module):
         u = x.to(compute_dtype)
         if mask is not None:
             u = u * mask.unsqueeze(-1).to(compute_dtype)
-        if state is not None or return_state:
+        recurrent = state is not None or return_state
+        if recurrent:
             if self.bidirectional:
                 raise RuntimeError("a bidirectional EMA reads future tokens and cannot be decoded incrementally")
             if self.truncation is not None:
@@ -104,10 +105,7 @@ class MegaMultiDimensionDampedEma(nn.Module):
         # under autocast the kernel's matrix multiply would run in bfloat16 and round q^l to 3 digits: the decay
         # powers and the convolution stay in compute_dtype
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if state is None and not return_state:
-                y, new_state = self._convolve(u), None
-            else:
-                y, new_state = self._recurrent(u, state)
+            y, new_state = self._recurrent(u, state) if recurrent else (self._convolve(u), None)
         out = F.silu(residual.add_(y.to(x.dtype)))
         return out, new_state
 
