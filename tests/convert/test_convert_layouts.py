@@ -19,7 +19,7 @@ from megatron_mega import MEGA_HEADS, MegaConfig, MegaForCausalLM
 from megatron_mega.convert.commands import run_convert
 from megatron_mega.convert.training_checkpoint import read_training_checkpoint
 from megatron_mega.model.pretrained import read_state_dict
-from tests.training.test_train_world import job
+from tests.training.test_train_world import hf_directory, job
 from tests.training.world import run_jobs
 
 WORLD = 4
@@ -31,12 +31,7 @@ def world(tiny_dict, tmp_path_factory, reference_runner):
     out = tmp_path_factory.mktemp("convert-layouts")
     hf = {"ours": str(out / "hf-ours"), "transformers": str(out / "hf-transformers")}
     # ours: a seeded MegaForCausalLM with every weight moved off its initialisation
-    torch.manual_seed(21)
-    model = MegaForCausalLM(MegaConfig(**tiny_dict["model"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(hf["ours"])
+    hf_directory(tiny_dict["model"], hf["ours"], seed=21)
     # transformers 4.57.6's own save_pretrained, its weights perturbed the same way (tests/reference/perturb.py)
     from safetensors.torch import save_file
 

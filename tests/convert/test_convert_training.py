@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from megatron_mega import MEGA_HEADS, MegaForCausalLM, MegaForMaskedLM
 from megatron_mega.convert.commands import run_convert
 from megatron_mega.convert.training_checkpoint import TrainingCheckpointError, read_training_checkpoint
-from tests.training.test_train_world import job
+from tests.training.test_train_world import hf_directory, job
 from tests.training.world import run_jobs
 
 STEPS = dict(optim__train_steps=4, optim__global_batch_size=4, optim__micro_batch_size=2,
@@ -30,14 +30,7 @@ def runs(tiny_dict, tmp_path_factory):
     dirs = {name: str(out / name) for name in ("zero0", "zero1", "zero2", "zero3", "pipe", "mlm", "from_hf",
                                                 "hf_source")}
     # a Hugging Face directory to continue pretraining from, under a pipeline layout
-    from megatron_mega import MegaConfig
-
-    torch.manual_seed(7)
-    source = MegaForCausalLM(MegaConfig(**tiny_dict["model"]))
-    with torch.no_grad():
-        for p in source.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    source.save_pretrained(dirs["hf_source"])
+    hf_directory(tiny_dict["model"], dirs["hf_source"], seed=7)
     # each ZeRO run also saves the weights its engine ends with (<dir>.final.pt), gathered from the live process
     jobs = [
         job(tiny_dict, "final_state", {"path": dirs[f"zero{stage}"] + ".final.pt"}, parallel__zero_stage=stage,

@@ -152,12 +152,11 @@ def test_the_cuda_attention_path_in_a_model_on_the_cpu(monkeypatch):
     import megatron_mega.model.attention as attention_module
     from megatron_mega import MegaForCausalLM
     from tests.helpers import token_ids
+    from tests.reference.perturb import perturb_weights
 
     config = tiny_config(decoder=True, use_chunking=True, chunk_size=8, relative_positional_bias="rotary")
     model = MegaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturb_weights(model, 0, scale=0.05)
     ids = token_ids(2, 40)
 
     def loss_and_grads():

@@ -12,6 +12,7 @@ import torch
 from megatron_mega import MegaForCausalLM, MegaForMaskedLM
 from megatron_mega.model.lm_loss import linear_cross_entropy
 from tests.helpers import decode_stepwise, tiny_config, token_ids
+from tests.reference.perturb import perturb_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh)")
 
@@ -38,10 +39,7 @@ def exact_float32():
 
 
 def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    perturb_weights(model, seed, scale=0.05)
     return model
 
 

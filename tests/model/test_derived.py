@@ -10,15 +10,14 @@ from megatron_mega import MegaForCausalLM
 from megatron_mega.model.derived import memoising, memoising_active
 from megatron_mega.model.positional_bias import MegaRotaryRelativePositionalBias
 from tests.helpers import decode_stepwise, tiny_config, token_ids
+from tests.reference.perturb import perturb_weights
 
 
 def _model(seed: int) -> MegaForCausalLM:
     torch.manual_seed(seed)
     model = MegaForCausalLM(tiny_config(decoder=True, use_chunking=True, chunk_size=8,
                                         relative_positional_bias="rotary")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    perturb_weights(model, seed, scale=0.05)
     return model
 
 
