@@ -77,11 +77,14 @@ def _scale_and_zero(x: torch.Tensor, positions: torch.Tensor, scale: float) -> t
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training) in distribution: each element independently zeroed with probability p, the others
     scaled by 1/(1-p). On CPU with p <= 0.25 the drops are drawn as geometric gaps (`dropped_positions`), else as one
-    uniform number per element (`dropout_noise`); other devices and p = 1 use F.dropout itself."""
+    uniform number per element (`dropout_noise`); other devices, p = 1 and code being traced by torch.compile use
+    F.dropout itself."""
     if not training or p == 0.0:
         return x
-    if p >= 1.0 or x.device.type != "cpu":
-        # accelerators: one fused kernel with a fast counter-based generator; p = 1: all zeros
+    if p >= 1.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        # accelerators: one fused kernel with a fast counter-based generator; p = 1: all zeros. Under torch.compile
+        # the geometric draw's data-dependent length (`dropped_positions`) would break the graph in two at every
+        # dropout, and inductor generates its own fused mask anyway.
         return F.dropout(x, p, True)
     if p <= _GEOMETRIC_MAX_P:
         return _PositionDropout.apply(x, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
