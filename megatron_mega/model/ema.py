@@ -122,10 +122,8 @@ class MegaMultiDimensionDampedEma(nn.Module):
             # built by concatenation rather than slice assignment into zeros: its backward is plain slicing
             parts = [forward[:, :1] + backward[:, :1], forward[:, 1:],
                      kernel.new_zeros(dim, n - 2 * k_len + 1), backward[:, 1:].flip(-1)]
-            full = torch.cat(parts, dim=1)
-        else:
-            full = F.pad(kernel, (0, n - k_len))
-        return fft_convolution(u, full)
+            return fft_convolution(u, torch.cat(parts, dim=1))
+        return fft_convolution(u, kernel, n)  # zero-padded to n inside: backward keeps only the K entries
 
     def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal EMA continuing from `state`. u: (B, L, D); state: (B, D, N) or None."""

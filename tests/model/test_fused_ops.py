@@ -38,6 +38,32 @@ def test_fft_convolution_gradcheck_and_plain_path(shape):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 16), (1, 3, 2, 1, 4), (2, 4, 3, 4, 7)])
+def test_fft_convolution_pads_a_short_kernel_itself(shape):
+    batch, length, dim, k_len, n = shape
+    torch.manual_seed(0)
+    u = torch.randn(batch, length, dim, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(dim, k_len, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda u, k: fft_convolution(u, k, n), (u, kernel))
+    out, ref = fft_convolution(u, kernel, n), plain_fft_convolution(u, F.pad(kernel, (0, n - k_len)))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (u, kernel), grad), torch.autograd.grad(ref, (u, kernel), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        fft_convolution(u, kernel, k_len - 1)
+
+
+def test_fft_convolution_keeps_its_inputs_not_their_spectra():
+    # the spectra are twice the bytes of the real sequences they come from; backward recomputes them
+    u = torch.randn(2, 64, 8, requires_grad=True)
+    kernel = torch.randn(8, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fft_convolution(u, kernel, 128)
+    assert [t.data_ptr() for t in saved] == [u.data_ptr(), kernel.data_ptr()]
+
+
 def test_fft_convolution_is_the_linear_convolution():
     u = torch.randn(2, 6, 3, dtype=torch.float64)
     kernel = torch.randn(3, 6, dtype=torch.float64)
