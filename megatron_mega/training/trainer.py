@@ -214,6 +214,18 @@ def build_model(config: TrainConfig, init_state: Optional[dict[str, torch.Tensor
     return LMLoss(lm, config.objective)
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """nn.Module.compile on every MEGA block of `model` (a plain LM or this rank's pipeline stages); the number
+    compiled. In place, so parameter names, state dicts and checkpoints are those of the uncompiled model, and
+    activation checkpointing (the model's own or the pipeline's) recomputes through the compiled block."""
+    from megatron_mega.model.block import MegaBlock
+
+    blocks = [module for module in model.modules() if isinstance(module, MegaBlock)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def group_weight_decays(weight_decay: float) -> tuple[float, float]:
     """The weight decay of each of `param_groups`' groups, in order: the matrices', then the rest's."""
     return weight_decay, 0.0
@@ -471,8 +483,12 @@ class Trainer:
 
             init_state = initial_lm_state(ck.init_from_hf, cfg.model, cfg.objective, cfg.seed)
             self.log(f"starting from the weights of {ck.init_from_hf}")
-        engine = self._engine(self._pipeline_module(init_state) if self.pipeline else build_model(cfg, init_state),
-                              universal)
+        model = self._pipeline_module(init_state) if self.pipeline else build_model(cfg, init_state)
+        if cfg.parallel.compile_blocks:
+            where = " on stage 0" if self.pipeline else ""  # rank 0 logs; every stage compiles its own blocks
+            self.log(f"parallel.compile_blocks: {compile_blocks(model)} MEGA block(s){where} compiled with "
+                     f"torch.compile (the first step compiles them)")
+        engine = self._engine(model, universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
         step, sampler_state = 0, None
