@@ -29,7 +29,11 @@ def memoising(enabled: bool = True) -> Iterator[None]:
 
 
 def memoising_active() -> bool:
-    return _MEMOISING.get() and not torch.is_grad_enabled()
+    # torch.compile cannot trace ContextVar.get (a graph break at every call, 14 per block): autograd mode and
+    # compilation are checked first, and a traced forward never memoises
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return _MEMOISING.get()
 
 
 class DerivedTensors:
