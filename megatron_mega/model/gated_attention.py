@@ -15,7 +15,7 @@ from megatron_mega.model.dropout import MegaDropout
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
 from megatron_mega.model.norms import MegaSequenceNorm
 from megatron_mega.model.positional_bias import build_relative_positional_bias
-from megatron_mega.model.recompute import recomputed
+from megatron_mega.model.gates import gate_values, gated_residual, query_key
 
 
 def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,
@@ -27,11 +27,6 @@ def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[tor
     if new is None:
         new = torch.ones(batch, new_len, dtype=torch.bool, device=device)
     return torch.cat([past, new], dim=1)
-
-
-def _gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    # residual + sigmoid(gate) * (out - residual)
-    return torch.addcmul(residual, torch.sigmoid(gate), out - residual)
 
 
 class MegaMovingAverageGatedAttention(nn.Module):
@@ -74,11 +69,11 @@ class MegaMovingAverageGatedAttention(nn.Module):
         ema_out, ema_state = self.ema_gate(
             h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache)
         base = self.mx_proj(self.dropout(ema_out))
-        # the gates stay pre-activation here: each is activated where it is used, inside a region that keeps only
-        # `base` (held anyway) for backward, instead of keeping the activated copies
+        # the gates stay pre-activation here: each is activated where it is used, by a function that keeps only
+        # `base` (kept anyway) for backward, not the activated copy (model/gates.py)
         residual_gate, query_key_gate, attention_gate, intermediate = torch.split(
             base, [self.hidden_size, self.z_size, self.v_size, self.hidden_size], dim=-1)
-        query, key = recomputed(self._query_key, query_key_gate, self.qk_weight, self.qk_bias)
+        query, key = query_key(query_key_gate, self.qk_weight, self.qk_bias)
 
         key_mask = mask
         if cache is not None:
@@ -88,21 +83,12 @@ class MegaMovingAverageGatedAttention(nn.Module):
             key_mask = _concat_masks(cache.key_mask, past, mask, length, batch, x.device)
         attended, weights = self.attention(query, key, value, key_mask, self.rel_pos_bias, output_attentions)
 
-        out = self.activation(intermediate + self.h_proj(recomputed(self._gate_values, attended, attention_gate)))
-        out = recomputed(_gated_residual, residual, residual_gate, self.dropout(out))
+        out = self.activation(intermediate + self.h_proj(gate_values(attended, attention_gate)))
+        out = gated_residual(residual, residual_gate, self.dropout(out))
         if not self.normalize_before:
             out = self.norm(out)
         new_cache = self._next_cache(key, value, key_mask, ema_state) if use_cache else None
         return out, new_cache, weights
-
-    def _query_key(self, gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        # one shared representation Z = silu(gate) (MEGA's Z is always silu), two per-dimension affine maps to
-        # query and key
-        shared = F.silu(gate)
-        return shared * weight[0] + bias[0], shared * weight[1] + bias[1]
-
-    def _gate_values(self, attended: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return attended * F.silu(gate)
 
     def _next_cache(self, key, value, key_mask, ema_state) -> MegaLayerCache:
         if self.chunk_size is not None:

@@ -1,0 +1,109 @@
+"""MEGA's elementwise gates (MEGA section 3.3) as autograd functions that keep only their inputs for backward.
+
+Autograd of the plain expressions keeps each activated gate (sigmoid of the residual gate, silu of the query-key
+and attention gates) and the float32 difference `out - residual`: full-size tensors for every layer until backward
+reaches it, although the inputs they come from are kept anyway (the mx_proj output, the layer's input, the
+attention output). These functions recompute the activations in backward instead: one more elementwise pass,
+against 8.5 KiB per token and layer at the 1024-wide GPU anchor, a tenth of what a layer keeps. Their forward runs
+the plain expression and their backward the derivatives autograd would (the same ops, dtypes and rounding), so
+each gives the values and gradients of autograd of its plain expression to the bit (tests/model/test_gates.py).
+
+Under torch.compile the plain expressions are traced instead: inductor's partitioner makes the same keep-or-
+recompute choice for the whole block and fuses the recomputation into its backward kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_silu_backward = torch.ops.aten.silu_backward
+_sigmoid_backward = torch.ops.aten.sigmoid_backward
+
+
+def query_key_plain(gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    # one shared representation Z = silu(gate), two per-dimension affine maps to query and key
+    shared = F.silu(gate)
+    return shared * weight[0] + bias[0], shared * weight[1] + bias[1]
+
+
+def gate_values_plain(attended: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return attended * F.silu(gate)
+
+
+def gated_residual_plain(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # residual + sigmoid(gate) * (out - residual)
+    return torch.addcmul(residual, torch.sigmoid(gate), out - residual)
+
+
+class _QueryKey(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, weight, bias):
+        ctx.save_for_backward(gate, weight)
+        return query_key_plain(gate, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_query, grad_key):
+        gate, weight = ctx.saved_tensors
+        shared = F.silu(gate)
+        grad_shared = None
+        grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(weight)
+        for i, grad in enumerate((grad_query, grad_key)):
+            if grad is None:
+                continue
+            part = (grad * weight[i]).to(shared.dtype)
+            grad_shared = part if grad_shared is None else grad_shared + part
+            grad_weight[i] = (grad * shared).sum_to_size(weight[i].shape)
+            grad_bias[i] = grad.sum_to_size(weight[i].shape)
+        grad_gate = None if grad_shared is None else _silu_backward(grad_shared, gate)
+        return grad_gate, grad_weight, grad_bias
+
+
+class _GateValues(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, attended, gate):
+        ctx.save_for_backward(attended, gate)
+        return gate_values_plain(attended, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        attended, gate = ctx.saved_tensors
+        grad_attended = (grad * F.silu(gate)).to(attended.dtype)
+        grad_gate = _silu_backward((grad * attended).to(gate.dtype), gate)
+        return grad_attended, grad_gate
+
+
+class _GatedResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, gate, out):
+        ctx.save_for_backward(residual, gate, out)
+        return gated_residual_plain(residual, gate, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        residual, gate, out = ctx.saved_tensors
+        weight = torch.sigmoid(gate)
+        grad_out_term = grad * weight  # d/d(out - residual)
+        grad_residual = (grad - grad_out_term).to(residual.dtype)
+        grad_gate = _sigmoid_backward((grad * (out - residual)).to(weight.dtype), weight)
+        return grad_residual, grad_gate, grad_out_term.to(out.dtype)
+
+
+def _traced_or_untracked() -> bool:
+    return not torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+def query_key(gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) = silu(gate) * weight[i] + bias[i]; gate (..., z), weight and bias (2, z)."""
+    return query_key_plain(gate, weight, bias) if _traced_or_untracked() else _QueryKey.apply(gate, weight, bias)
+
+
+def gate_values(attended: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """attended * silu(gate)."""
+    return gate_values_plain(attended, gate) if _traced_or_untracked() else _GateValues.apply(attended, gate)
+
+
+def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """residual + sigmoid(gate) * (out - residual)."""
+    return gated_residual_plain(residual, gate, out) if _traced_or_untracked() else _GatedResidual.apply(
+        residual, gate, out)
