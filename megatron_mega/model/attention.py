@@ -100,7 +100,9 @@ class ChunkedAttention(nn.Module):
         key_positions = torch.arange(n_key, device=device)
         query_positions = key_positions[query_offset:] if query_offset else torch.arange(n_query, device=device)
         bias = relative_bias(query_positions, key_positions).to(q.dtype)  # (Cq, Ck)
-        future = key_positions.view(1, -1) > query_positions.view(-1, 1) if self.causal else None  # (Cq, Ck)
+        # a single query at the last key position (a decoding step) has no future keys: no mask to build or apply
+        sees_all = n_query == 1 and query_offset == n_key - 1
+        future = key_positions.view(1, -1) > query_positions.view(-1, 1) if self.causal and not sees_all else None
         dropout = self.attention_dropout if self.training else 0.0
         if self.element_activation is None:
             return self._softmax(q, k, v, bias, future, key_mask, dropout, output_attentions)

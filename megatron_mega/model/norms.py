@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# at most this many rows (tokens) take the single-op path of a decoding step
+_FEW_ROWS = 64
 
 
 class _ScaleNormFunction(torch.autograd.Function):
@@ -63,6 +67,14 @@ class MegaScaleNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dim in (-1, x.dim() - 1):
+            width = x.shape[-1]
+            if x.numel() <= _FEW_ROWS * width:
+                # a few rows (a decoding step), where each op's fixed cost is the time (a batch-1 GPU step is
+                # launch-bound): F.rms_norm is one op (one kernel on CUDA) against the function's six; it is no
+                # match on large inputs on the CPU, where it decomposes into passes with an x^2 temporary. Chosen
+                # by size alone, so that one input gives the same bits with and without autograd.
+                weight = None if self.scalar is None else self.scalar.expand(width)
+                return F.rms_norm(x, (width,), weight, self.eps)
             return _ScaleNormFunction.apply(x, self.scalar, self.eps)
         mean_square = torch.mean(torch.square(x), dim=self.dim, keepdim=True)
         if self.scalar is not None:

@@ -97,11 +97,32 @@ def test_scale_norm_function_gradcheck_and_plain_path(affine):
 
 def test_scale_norm_module_uses_the_function_and_keeps_other_dims():
     norm = MegaScaleNorm(dim=-1, eps=1e-5).double()
-    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x = torch.randn(2, 40, 4, dtype=torch.float64)  # 80 rows: more than a decoding step's
     x.requires_grad_()
     assert "ScaleNormFunction" in type(norm(x).grad_fn).__name__
     other = MegaScaleNorm(dim=1, eps=1e-5).double()  # not the last dim: the plain expression
     torch.testing.assert_close(other(x), x * torch.rsqrt(torch.mean(x * x, 1, keepdim=True) + 1e-5))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_scale_norm_of_a_few_rows_is_one_rms_norm_op_with_the_same_values_and_gradients(affine):
+    # a decoding step's few rows take F.rms_norm (one kernel where each launch counts); values and gradients agree
+    # with the function's, with and without autograd, and one input gives the same bits in both modes
+    norm = MegaScaleNorm(dim=-1, eps=1e-5, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.scalar.fill_(1.7)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    out = norm(x)
+    assert "ScaleNormFunction" not in type(out.grad_fn).__name__
+    ref = _ScaleNormFunction.apply(x, norm.scalar, 1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    params = [x] + ([norm.scalar] if affine else [])
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        assert torch.equal(norm(x), out)
 
 
 # ---------------------------------------------------------------------------------------------- dropout
