@@ -339,6 +339,12 @@ class Trainer:
             for p in (head.weight, head.bias):
                 if p is not None:
                     register_external_parameter(model, p)
+        if not self.pipeline:
+            # a pipeline engine earlier in this process left its grid as DeepSpeed's global model-parallel unit, and
+            # a plain engine would take it for tensor parallelism and fail (notebooks, sweeps, the test worlds)
+            from deepspeed.utils import groups
+
+            groups.mpu = None
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         if self.pipeline:

@@ -37,6 +37,8 @@ def pipe2(tiny_dict, tmp_path_factory):
             **{**pipe, "optim__train_steps": 0}),
         # 10: the inf loss under bf16 (DeepSpeed's BF16_Optimizer)
         job(tiny_dict, "pipe_inf", {"inf_at": [1]}, precision__dtype="bf16", **pipe),
+        # 11: the plain path again after pipeline engines in the same processes
+        job(tiny_dict, parallel__zero_stage=0, **STEPS),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -46,6 +48,7 @@ def test_pipeline_matches_plain(pipe2):
     plain, piped = losses(pipe2[0]), losses(pipe2[1])
     assert piped == pytest.approx(plain, rel=1e-5, abs=1e-5)
     assert losses(pipe2[4]) == pytest.approx(piped, rel=1e-5, abs=1e-5)  # activation checkpointing
+    assert losses(pipe2[11]) == plain  # a plain run after pipeline runs in the same processes
 
 
 def test_pipeline_exact_resume(pipe2):
