@@ -95,13 +95,14 @@ def finetune(model_dir: str, train_set, eval_set, settings: FinetuneSettings, to
         losses = []
         for batch in encoder.batches(train_set, settings.batch_size, shuffle_seed=settings.seed + epoch):
             loss = model(**batch).loss
-            if not math.isfinite(float(loss)):
-                raise RuntimeError(f"epoch {epoch + 1}: non-finite loss {float(loss)}; lower --lr")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise RuntimeError(f"epoch {epoch + 1}: non-finite loss {value}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(value)
         result.train_losses.append(sum(losses) / max(len(losses), 1))
         metrics = evaluate(model, encoder, eval_set, settings.batch_size)
         print_fn(f"epoch {epoch + 1}/{settings.epochs}: train loss {result.train_losses[-1]:.4f}, eval {_fmt(metrics)}")
