@@ -88,7 +88,6 @@ def mega_kwargs(case: Case) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the GPT reference
 def build_gpt(vocab: int = 32000, d: int = 1024, layers: int = 16, heads: int = 16, ffn: int = 4096):
-    import torch
     import torch.nn.functional as F
     from torch import nn
 

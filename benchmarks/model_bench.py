@@ -281,7 +281,7 @@ def run_parent(args: argparse.Namespace) -> int:
     print(f"model_bench: cases={args.cases} impls={impls} rounds={args.rounds} steps={args.steps} "
           f"case_steps={args.steps_for} "
           f"threads={args.threads} host={platform.node()} cpus={os.cpu_count()}")
-    print(f"interpreters: " + ", ".join(f"{i}={pythons[i]}" for i in impls), flush=True)
+    print("interpreters: " + ", ".join(f"{i}={pythons[i]}" for i in impls), flush=True)
     results: dict = {"config": ANCHOR, "rounds": args.rounds, "steps": args.steps, "case_steps": args.steps_for,
                      "threads": args.threads, "cases": {}}
     started = time.perf_counter()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_mega.model.activations import get_activation
@@ -13,9 +12,9 @@ from megatron_mega.model.attention import ChunkedAttention
 from megatron_mega.model.cache import MegaLayerCache
 from megatron_mega.model.dropout import MegaDropout
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
+from megatron_mega.model.gates import gate_values, gated_residual, query_key
 from megatron_mega.model.norms import MegaSequenceNorm
 from megatron_mega.model.positional_bias import build_relative_positional_bias
-from megatron_mega.model.gates import gate_values, gated_residual, query_key
 
 
 def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,

@@ -211,7 +211,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.objective in OBJECTIVES, f"objective: {self.objective!r} is not one of {OBJECTIVES}")
-        _check(_is_int(self.seed) and 0 <= self.seed < 2 ** 31, f"seed: must be an integer in [0, 2^31)")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2 ** 31, "seed: must be an integer in [0, 2^31)")
         _check(self.data.objective == self.objective,
                f"data.objective: {self.data.objective!r} differs from objective {self.objective!r}")
         if self.objective == "causal":

@@ -297,7 +297,7 @@ class Trainer:
         """(folder, tag, universal) of the checkpoint to resume from, or (None, None, False) for a fresh start.
         A checkpoint saved under another layout (data-parallel size, pipeline stages, ZeRO stage) is converted to a
         DeepSpeed universal checkpoint first, without the user doing anything."""
-        ck, lay = self.config.checkpoint, self.layout
+        ck = self.config.checkpoint
         load_dir = ck.dir if ck.load == "auto" else ck.load
         tag = checkpointing.latest_tag(load_dir) if load_dir else None
         if tag is None:

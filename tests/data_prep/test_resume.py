@@ -12,7 +12,7 @@ from data_prep import tokenize as tokenize_module
 from megatron_mega.cli import main
 from megatron_mega.data.manifest import Manifest
 
-from .conftest import tokenize, tree, write_jsonl
+from .conftest import tokenize, tree
 
 
 def corpus_with_bad_lines(folder, docs, copies):

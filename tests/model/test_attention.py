@@ -7,7 +7,6 @@ import torch
 
 from megatron_mega.model.activations import laplace, relu2
 from megatron_mega.model.attention import ChunkedAttention
-from megatron_mega.model.mega_model import MegaModel
 from megatron_mega.model.positional_bias import MegaRotaryRelativePositionalBias, MegaSimpleRelativePositionalBias
 from tests.helpers import tiny_config
 
