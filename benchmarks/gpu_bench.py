@@ -155,9 +155,13 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda", profile:
         model = model.to(torch.bfloat16)
     model.train()
     if case.compile:
-        blocks = model.mega.layers if case.impl == "ours" else model.blocks
-        for block in blocks:
-            block.compile()
+        if case.impl == "ours":
+            from megatron_mega.model.block import compile_blocks
+
+            compile_blocks(model)  # what parallel.compile_blocks trains with
+        else:
+            for block in model.blocks:
+                block.compile()
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(3, 32000, (case.batch, case.seq), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if case.precision == "autocast" else nullcontext()

@@ -31,3 +31,13 @@ class MegaBlock(nn.Module):
         if self.nffn is not None:
             hidden_states = self.nffn(hidden_states)
         return hidden_states, new_cache, weights
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """nn.Module.compile on every MEGA block of `model` (a plain LM or a rank's pipeline stages); the number
+    compiled. In place, so parameter names, state dicts and checkpoints are those of the uncompiled model, and
+    activation checkpointing (the model's own or the pipeline's) recomputes through the compiled block."""
+    blocks = [module for module in model.modules() if isinstance(module, MegaBlock)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)

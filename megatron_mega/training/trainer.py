@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_mega.model.block import compile_blocks
 from megatron_mega.training import checkpointing
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 from megatron_mega.training.distributed import DistContext
@@ -212,18 +213,6 @@ def build_model(config: TrainConfig, init_state: Optional[dict[str, torch.Tensor
     if config.parallel.activation_checkpointing:
         lm.gradient_checkpointing_enable()
     return LMLoss(lm, config.objective)
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """nn.Module.compile on every MEGA block of `model` (a plain LM or this rank's pipeline stages); the number
-    compiled. In place, so parameter names, state dicts and checkpoints are those of the uncompiled model, and
-    activation checkpointing (the model's own or the pipeline's) recomputes through the compiled block."""
-    from megatron_mega.model.block import MegaBlock
-
-    blocks = [module for module in model.modules() if isinstance(module, MegaBlock)]
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 def group_weight_decays(weight_decay: float) -> tuple[float, float]:
