@@ -38,3 +38,17 @@ def decode_stepwise(model, ids: torch.Tensor, mask: torch.Tensor | None = None, 
             logits.append(out.logits)
             cache = out.past_key_values
     return torch.cat(logits, 1), cache
+
+
+def kept_for_backward(fn):
+    """Run fn() and return (its result, the tensors autograd packed for backward while it ran)."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        return fn(), kept
+
+
+def kept_bytes(tensors, exclude=()) -> int:
+    """Bytes of the distinct storages among `tensors`, those of `exclude` left out."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mega.model.activations import get_activation
+from megatron_mega.model.dropout import apply_drop_mask, drop_mask
 from megatron_mega.model.dropout import dropout as dropout_fn
 
 
@@ -57,10 +58,13 @@ class ChunkedAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         key_mask: Optional[torch.Tensor],
-        relative_bias: nn.Module,
+        relative_bias: nn.Module | torch.Tensor,
         output_attentions: bool = False,
+        weight_drops: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """query (B, L, z); key (B, T, z); value (B, T, v); key_mask (B, T) bool, True = real token, or None.
+        relative_bias: the module, or its (block x block) matrix for a pass without cache (`block_bias`).
+        weight_drops: the attention dropout's mask, pre-drawn (`draw_weight_drops`), or None to draw it here.
         Returns (B, L, v) and, if asked, the weights (B, chunks, chunk queries, chunk keys)."""
         batch, length, _ = query.shape
         total = key.shape[1]
@@ -70,7 +74,7 @@ class ChunkedAttention(nn.Module):
             out, weights = self._attend(
                 query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1),
                 None if key_mask is None else key_mask.unsqueeze(1), relative_bias, query_offset=past,
-                output_attentions=output_attentions)
+                output_attentions=output_attentions, weight_drops=weight_drops)
             return out.squeeze(1), weights
         chunk = self.chunk_size
         tail = (-total) % chunk
@@ -88,27 +92,54 @@ class ChunkedAttention(nn.Module):
             query.view(batch, chunks, chunk, -1), key.view(batch, chunks, chunk, -1),
             value.view(batch, chunks, chunk, -1),
             None if key_mask is None else key_mask.view(batch, chunks, chunk), relative_bias, query_offset=0,
-            output_attentions=output_attentions)
+            output_attentions=output_attentions, weight_drops=weight_drops)
         out = out.reshape(batch, chunks * chunk, -1)[:, past:past + length]
         return out, weights
 
+    # ------------------------------------------------------------------ a pass without cache, its parts drawn ahead
+    def block_size(self, length: int) -> int:
+        """The side of the square blocks a pass of `length` tokens without cache attends in."""
+        return length if self.chunk_size is None or length <= self.chunk_size else self.chunk_size
+
+    def block_bias(self, relative_bias: nn.Module, length: int, device) -> torch.Tensor:
+        """The relative bias matrix a pass of `length` tokens without cache adds to every block's scores."""
+        positions = torch.arange(self.block_size(length), device=device)
+        return relative_bias(positions, positions)
+
+    def draw_weight_drops(self, batch: int, length: int, device) -> Optional[torch.Tensor]:
+        """The attention dropout's drops for a training pass of `length` tokens without cache (model/dropout.py's
+        `drop_mask` over the weights' shape), drawn ahead so that a recomputation applies the same ones; None when
+        it does not drop."""
+        if not self.training or self.attention_dropout == 0.0:
+            return None
+        block = self.block_size(length)
+        return drop_mask((batch, -(-length // block), block, block), self.attention_dropout, device)
+
     # ------------------------------------------------------------------ one block of chunks
-    def _attend(self, q, k, v, key_mask, relative_bias, query_offset: int, output_attentions: bool):
+    def _attend(self, q, k, v, key_mask, relative_bias, query_offset: int, output_attentions: bool,
+                weight_drops: Optional[torch.Tensor] = None):
         """q (B, K, Cq, z); k (B, K, Ck, z); v (B, K, Ck, v); key_mask (B, K, Ck) or None."""
         n_query, n_key = q.shape[2], k.shape[2]
         device = q.device
         key_positions = torch.arange(n_key, device=device)
         query_positions = key_positions[query_offset:] if query_offset else torch.arange(n_query, device=device)
-        bias = relative_bias(query_positions, key_positions).to(q.dtype)  # (Cq, Ck)
+        if isinstance(relative_bias, torch.Tensor):
+            bias = relative_bias.to(q.dtype)
+        else:
+            bias = relative_bias(query_positions, key_positions).to(q.dtype)  # (Cq, Ck)
         # a single query at the last key position (a decoding step) has no future keys: no mask to build or apply
         sees_all = n_query == 1 and query_offset == n_key - 1
         future = key_positions.view(1, -1) > query_positions.view(-1, 1) if self.causal and not sees_all else None
         dropout = self.attention_dropout if self.training else 0.0
+        if weight_drops is not None:
+            drop = lambda weights: apply_drop_mask(weights, weight_drops, dropout)  # noqa: E731
+        else:
+            drop = lambda weights: dropout_fn(weights, dropout, self.training)  # noqa: E731
         if self.element_activation is None:
-            return self._softmax(q, k, v, bias, future, key_mask, dropout, output_attentions)
-        return self._element(q, k, v, bias, future, key_mask, query_positions, dropout)
+            return self._softmax(q, k, v, bias, future, key_mask, dropout, drop, output_attentions)
+        return self._element(q, k, v, bias, future, key_mask, query_positions, drop)
 
-    def _softmax(self, q, k, v, bias, future, key_mask, dropout, output_attentions):
+    def _softmax(self, q, k, v, bias, future, key_mask, dropout, drop, output_attentions):
         masked = _masked_value(q.dtype)
         scores_bias = bias if future is None else bias.masked_fill(future, masked)
         if key_mask is not None:
@@ -130,10 +161,10 @@ class ChunkedAttention(nn.Module):
         # would (the kernel accumulates in float32 either way)
         weights = torch.softmax(scores, dim=-1, dtype=scores.dtype).view(*lead, *scores.shape[-2:])
         del scores
-        out = torch.matmul(dropout_fn(weights, dropout, self.training), v)
+        out = torch.matmul(drop(weights), v)
         return out, weights if output_attentions else None
 
-    def _element(self, q, k, v, bias, future, key_mask, query_positions, dropout):
+    def _element(self, q, k, v, bias, future, key_mask, query_positions, drop):
         # the number of visible keys normalises the scores (MEGA's length scaling for laplace / relu^2)
         if future is not None:
             visible = ~future  # (Cq, Ck)
@@ -153,6 +184,6 @@ class ChunkedAttention(nn.Module):
         weights = self.element_activation(scores)
         if visible is not None:
             weights = weights * visible.to(weights.dtype)
-        out = torch.matmul(dropout_fn(weights, dropout, self.training), v)
+        out = torch.matmul(drop(weights), v)
         return out, weights
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,17 +12,6 @@ from torch import nn
 
 # the geometric draw below wins while dropped elements are rare; above this rate drawing one number per element does
 _GEOMETRIC_MAX_P = 0.25
-
-
-def dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
-    """The multiplier of standard dropout: 1/(1-p) with probability 1-p, else 0, one per element of `like`.
-
-    Same distribution as F.dropout's, drawn faster on CPU: F.dropout draws its mask with bernoulli_, which (outside
-    MKL on Intel) costs about twice torch.rand per element, then divides and multiplies in separate passes. Here one
-    uniform draw per element, compared and scaled in place: keep iff u >= p, P(keep) = 1 - p for u uniform in [0, 1).
-    The result does not require grad, so `x * noise` saves only the noise for backward, as F.dropout does."""
-    noise = torch.rand(like.shape, dtype=like.dtype, device=like.device)
-    return noise.ge_(p).mul_(1.0 / (1.0 - p))
 
 
 def _draw_count(mean: float, first: bool) -> int:
@@ -74,21 +64,45 @@ def _scale_and_zero(x: torch.Tensor, positions: torch.Tensor, scale: float) -> t
     return out.view(-1).index_fill_(0, positions, 0.0).view(x.shape)
 
 
+def drop_mask(shape: Sequence[int], p: float, device=None) -> torch.Tensor:
+    """The drops of `dropout(x, p)` for an x of `shape`, drawn ahead of applying them (`apply_drop_mask`), for code
+    that keeps the mask rather than the dropped tensor: on CPU with p <= 0.25 the sorted flat positions of the drops
+    (int64, `dropped_positions`), else a bool keep-mask of that shape (1 byte per element, as F.dropout keeps).
+    Why draw only the drops on the CPU: its generator (a Mersenne Twister, one thread) is the cost of dropout
+    there."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+    if p <= _GEOMETRIC_MAX_P:
+        return dropped_positions(math.prod(shape), p, device)
+    # one uniform number per element, kept iff u >= p (P = 1 - p): outside MKL on Intel, bernoulli_ costs about
+    # twice torch.rand per element on the CPU
+    return torch.rand(tuple(shape), device=device) >= p
+
+
+def apply_drop_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """x with `drop_mask`'s drops zeroed and the rest scaled by 1/(1-p); differentiable in x, keeping only the
+    mask. The same mask gives the same bits, which is what lets backward recompute a dropped tensor."""
+    scale = 1.0 / (1.0 - p)
+    if mask.dtype == torch.bool:
+        # x * mask * scale in one pass; its derivative in x is itself, keeping the mask (as F.dropout's does)
+        return torch.ops.aten.native_dropout_backward(x, mask, scale)
+    return _PositionDropout.apply(x, mask, scale)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training) in distribution: each element independently zeroed with probability p, the others
-    scaled by 1/(1-p). On CPU with p <= 0.25 the drops are drawn as geometric gaps (`dropped_positions`), else as one
-    uniform number per element (`dropout_noise`); other devices, p = 1 and code being traced by torch.compile use
-    F.dropout itself."""
+    scaled by 1/(1-p); drawn by `drop_mask` and applied by `apply_drop_mask`, so a region that draws its masks
+    ahead (to recompute in backward, model/recompute.py) draws the very masks this would, on every device: a
+    recomputation of a pass first run without autograd (reentrant activation checkpointing) drops the same
+    elements. p = 1 and code being traced by torch.compile use F.dropout itself."""
     if not training or p == 0.0:
         return x
-    if p >= 1.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
-        # accelerators: one fused kernel with a fast counter-based generator; p = 1: all zeros. Under torch.compile
-        # the geometric draw's data-dependent length (`dropped_positions`) would break the graph in two at every
-        # dropout, and inductor generates its own fused mask anyway.
+    if p >= 1.0 or torch.compiler.is_compiling():
+        # p = 1: all zeros. Under torch.compile the geometric draw's data-dependent length (`dropped_positions`)
+        # would break the graph in two at every dropout, and inductor generates its own fused mask anyway.
         return F.dropout(x, p, True)
-    if p <= _GEOMETRIC_MAX_P:
-        return _PositionDropout.apply(x, dropped_positions(x.numel(), p, x.device), 1.0 / (1.0 - p))
-    return x * dropout_noise(x, p)
+    return apply_drop_mask(x, drop_mask(x.shape, p, x.device), p)
 
 
 class MegaDropout(nn.Module):
@@ -110,6 +124,20 @@ class MegaDropout(nn.Module):
             # (B, L, D) -> (B, D, L): dropout1d drops entire channels of each sample
             return F.dropout1d(x.transpose(1, 2), p=self.dropout_probability, training=True).transpose(1, 2)
         return dropout(x, self.dropout_probability)
+
+    def mask_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The drops of this dropout applied to x (`drop_mask`), drawn ahead; None when it would not drop (eval,
+        p = 0). Feature-wise and p >= 1 dropout have no such mask: callers check `maskable` first."""
+        if not self.training or self.dropout_probability == 0.0:
+            return None
+        return drop_mask(x.shape, self.dropout_probability, x.device)
+
+    @property
+    def maskable(self) -> bool:
+        return not self.is_featurewise and self.dropout_probability < 1.0
+
+    def apply_mask(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return x if mask is None else apply_drop_mask(x, mask, self.dropout_probability)
 
     def extra_repr(self) -> str:
         return f"p={self.dropout_probability}, featurewise={self.is_featurewise}"

@@ -12,9 +12,12 @@ from megatron_mega.model.attention import ChunkedAttention
 from megatron_mega.model.cache import MegaLayerCache
 from megatron_mega.model.dropout import MegaDropout
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
-from megatron_mega.model.gates import gate_values, gated_residual, query_key
+from megatron_mega.model.gates import (gate_values_plain, gated_residual, gated_residual_plain, query_key,
+                                       query_key_plain)
 from megatron_mega.model.norms import MegaSequenceNorm
 from megatron_mega.model.positional_bias import build_relative_positional_bias
+from megatron_mega.model.recompute import recomputed, recomputing
+from megatron_mega.model.recomputed_linear import RecomputedInputLinear
 
 
 def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,
@@ -45,7 +48,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
         self.ema_gate = MegaMultiDimensionDampedEma(config)
         self.v_proj = nn.Linear(config.hidden_size, config.intermediate_size)
         self.mx_proj = nn.Linear(config.hidden_size, self.z_size + self.v_size + 2 * config.hidden_size)
-        self.h_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.h_proj = RecomputedInputLinear(config.intermediate_size, config.hidden_size)
         self.qk_weight = nn.Parameter(torch.empty(2, self.z_size))
         self.qk_bias = nn.Parameter(torch.empty(2, self.z_size))
         self.rel_pos_bias = build_relative_positional_bias(config)
@@ -64,7 +67,15 @@ class MegaMovingAverageGatedAttention(nn.Module):
         batch, length, _ = x.shape
         residual = x
         h = self.norm(x) if self.normalize_before else x
-        value = self.hidden_dropout(self.activation(self.v_proj(h)))  # (B, L, v)
+        value = self.v_proj(h)  # (B, L, v), activated and dropped below
+        # a training pass recomputes its attention in backward (model/recompute.py): the activated, dropped values,
+        # the scores and the weights are not kept, only what they come from; dropout masks are drawn ahead for that
+        recompute = (cache is None and not use_cache and not output_attentions and recomputing()
+                     and self.hidden_dropout.maskable and self.attention.attention_dropout < 1.0)
+        if recompute:
+            value_drops = self.hidden_dropout.mask_for(value)
+        else:
+            value = self.hidden_dropout(self.activation(value))
         ema_out, ema_state = self.ema_gate(
             h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache)
         base = self.mx_proj(self.dropout(ema_out))
@@ -72,22 +83,49 @@ class MegaMovingAverageGatedAttention(nn.Module):
         # `base` (kept anyway) for backward, not the activated copy (model/gates.py)
         residual_gate, query_key_gate, attention_gate, intermediate = torch.split(
             base, [self.hidden_size, self.z_size, self.v_size, self.hidden_size], dim=-1)
-        query, key = query_key(query_key_gate, self.qk_weight, self.qk_bias)
+        if recompute:
+            bias = self.attention.block_bias(self.rel_pos_bias, length, x.device)
+            weight_drops = self.attention.draw_weight_drops(batch, length, x.device)
+            attended = recomputed(self._attend, query_key_gate, self.qk_weight, self.qk_bias, value, value_drops,
+                                  mask, bias, weight_drops)
+            weights = new_cache = None
+        else:
+            query, key = query_key(query_key_gate, self.qk_weight, self.qk_bias)
+            attended, weights, new_cache = self._attend_with_cache(
+                query, key, value, mask, cache, use_cache, output_attentions, ema_state)
 
+        # h_proj keeps the attention output and the gate for backward, not their product it reads
+        out = intermediate + self.h_proj(attended, attention_gate, prologue=gate_values_plain)
+        if recompute and self.dropout.maskable:
+            # the activated, dropped output the residual gate mixes in is recomputed too
+            out = recomputed(self._gated_output, residual, residual_gate, out, self.dropout.mask_for(out))
+        else:
+            out = gated_residual(residual, residual_gate, self.dropout(self.activation(out)))
+        if not self.normalize_before:
+            out = self.norm(out)
+        return out, new_cache, weights
+
+    def _attend(self, query_key_gate, qk_weight, qk_bias, value, value_drops, mask, bias,
+                weight_drops) -> torch.Tensor:
+        """The attention of a training pass, from what is kept anyway (the mx_proj output, the v_proj output)."""
+        query, key = query_key_plain(query_key_gate, qk_weight, qk_bias)
+        value = self.hidden_dropout.apply_mask(self.activation(value), value_drops)
+        return self.attention(query, key, value, mask, bias, weight_drops=weight_drops)[0]
+
+    def _gated_output(self, residual, residual_gate, out, drops) -> torch.Tensor:
+        return gated_residual_plain(residual, residual_gate, self.dropout.apply_mask(self.activation(out), drops))
+
+    def _attend_with_cache(self, query, key, value, mask, cache, use_cache, output_attentions, ema_state):
+        batch, length = query.shape[:2]
         key_mask = mask
         if cache is not None:
             past = cache.key.shape[1]
             key = torch.cat([cache.key, key], dim=1)
             value = torch.cat([cache.value, value], dim=1)
-            key_mask = _concat_masks(cache.key_mask, past, mask, length, batch, x.device)
+            key_mask = _concat_masks(cache.key_mask, past, mask, length, batch, query.device)
         attended, weights = self.attention(query, key, value, key_mask, self.rel_pos_bias, output_attentions)
-
-        out = self.activation(intermediate + self.h_proj(gate_values(attended, attention_gate)))
-        out = gated_residual(residual, residual_gate, self.dropout(out))
-        if not self.normalize_before:
-            out = self.norm(out)
         new_cache = self._next_cache(key, value, key_mask, ema_state) if use_cache else None
-        return out, new_cache, weights
+        return attended, weights, new_cache
 
     def _next_cache(self, key, value, key_mask, ema_state) -> MegaLayerCache:
         if self.chunk_size is not None:

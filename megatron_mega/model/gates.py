@@ -1,12 +1,13 @@
 """MEGA's elementwise gates (MEGA section 3.3) as autograd functions that keep only their inputs for backward.
 
 Autograd of the plain expressions keeps each activated gate (sigmoid of the residual gate, silu of the query-key
-and attention gates) and the float32 difference `out - residual`: full-size tensors for every layer until backward
-reaches it, although the inputs they come from are kept anyway (the mx_proj output, the layer's input, the
-attention output). These functions recompute the activations in backward instead: one more elementwise pass,
-against 8.5 KiB per token and layer at the 1024-wide GPU anchor, a tenth of what a layer keeps. Their forward runs
-the plain expression and their backward the derivatives autograd would (the same ops, dtypes and rounding), so
-each gives the values and gradients of autograd of its plain expression to the bit (tests/model/test_gates.py).
+gate) and the float32 difference `out - residual`: full-size tensors for every layer until backward reaches it,
+although the inputs they come from are kept anyway (the mx_proj output, the layer's input).
+These functions recompute the activations in backward instead: one more elementwise pass, against 4.5 KiB per token
+and layer at the 1024-wide GPU anchor. (The attention gate, attended * silu(gate), is recomputed by h_proj, which
+reads it: model/recomputed_linear.py.) Their forward runs the plain expression and their backward the derivatives
+autograd would (the same ops, dtypes and rounding), so each gives the values and gradients of autograd of its plain
+expression to the bit (tests/model/test_gates.py).
 
 Under torch.compile the plain expressions are traced instead: inductor's partitioner makes the same keep-or-
 recompute choice for the whole block and fuses the recomputation into its backward kernels.
@@ -59,20 +60,6 @@ class _QueryKey(torch.autograd.Function):
         return grad_gate, grad_weight, grad_bias
 
 
-class _GateValues(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, attended, gate):
-        ctx.save_for_backward(attended, gate)
-        return gate_values_plain(attended, gate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        attended, gate = ctx.saved_tensors
-        grad_attended = (grad * F.silu(gate)).to(attended.dtype)
-        grad_gate = _silu_backward((grad * attended).to(gate.dtype), gate)
-        return grad_attended, grad_gate
-
-
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, gate, out):
@@ -96,11 +83,6 @@ def _traced_or_untracked() -> bool:
 def query_key(gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(query, key) = silu(gate) * weight[i] + bias[i]; gate (..., z), weight and bias (2, z)."""
     return query_key_plain(gate, weight, bias) if _traced_or_untracked() else _QueryKey.apply(gate, weight, bias)
-
-
-def gate_values(attended: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """attended * silu(gate)."""
-    return gate_values_plain(attended, gate) if _traced_or_untracked() else _GateValues.apply(attended, gate)
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

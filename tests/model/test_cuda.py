@@ -101,6 +101,38 @@ def test_cuda_cached_decoding_matches_the_full_forward():
     assert cache[0].key.shape[1] == 29 % 8  # only the open chunk's keys are kept
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_cuda_training_recomputation_matches_the_plain_path(monkeypatch, autocast):
+    """With dropout on, the regions recomputed in backward (model/recompute.py, model/recomputed_linear.py) draw
+    their masks ahead, as bool keep-masks on CUDA, and give the plain path's loss and gradients."""
+    from megatron_mega.model import gated_attention, recomputed_linear
+
+    config = tiny_config(decoder=True, dropout_prob=0.1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                         nffn_activation_dropout_prob=0.1, use_chunking=True, chunk_size=8,
+                         relative_positional_bias="rotary")
+    torch.manual_seed(0)
+    model = _perturbed(MegaForCausalLM(config)).to(CUDA).train()
+    ids = token_ids(2, 40).to(CUDA)
+
+    def run():
+        torch.manual_seed(1)  # the same masks in both runs
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    monkeypatch.setattr(gated_attention, "recomputing", lambda: False)
+    monkeypatch.setattr(recomputed_linear._RecomputedInputLinear, "apply",
+                        lambda prologue, autocast, weight, bias, *inputs: torch.nn.functional.linear(
+                            prologue(*inputs).to(weight.dtype), weight, bias))
+    ref_loss, ref_grads = run()
+    assert loss == ref_loss
+    worst = max((_rel(grads[n], ref_grads[n]), n) for n in ref_grads)
+    assert worst[0] < (1e-2 if autocast else 1e-5), worst
+
+
 def _anchor_like():
     config = tiny_config(hidden_size=256, intermediate_size=512, nffn_hidden_size=512, shared_representation_size=64,
                          ema_projection_size=16, vocab_size=1000, num_hidden_layers=2, use_chunking=True,

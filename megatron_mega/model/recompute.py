@@ -1,0 +1,56 @@
+"""A region of the forward pass whose intermediates are recomputed in backward instead of kept.
+
+`recomputed(fn, *inputs)` is fn(*inputs) for values and gradients, but autograd keeps only `inputs` (usually kept
+anyway by their other users) rather than every intermediate of fn; backward runs fn again with autograd on and
+back-propagates through that copy. This is activation checkpointing of one small region. torch.utils.checkpoint
+does the same but costs ~0.5 ms of Python per call (its saved-tensor hooks and RNG bookkeeping), which on the CPU
+benchmark's small layers was 3-4% of a step; this costs one autograd.Function.
+
+fn must give the same result from the same inputs: randomness (dropout) comes in as pre-drawn masks
+(model/dropout.py's `drop_mask`). Tensors fn closes over are not inputs: it must not close over anything that
+needs a gradient (pass such tensors as inputs). The replay runs under the autocast state of the forward.
+Under torch.compile or without autograd fn runs plainly: inductor's partitioner makes its own keep-or-recompute
+choice for the whole block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+class _Recomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn: Callable, autocast: tuple, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.fn, ctx.autocast = fn, autocast
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+            device, enabled, dtype = ctx.autocast
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                out = ctx.fn(*leaves)
+        if any(needs):
+            torch.autograd.backward(out, grad)
+        return (None, None, *(leaf.grad if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
+
+
+def recomputing() -> bool:
+    """Whether `recomputed` would recompute here (autograd on, not being traced by torch.compile); callers that
+    pre-draw dropout masks for a region check this first and keep their plain path otherwise."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def recomputed(fn: Callable[..., torch.Tensor], *inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    """fn(*inputs), keeping only `inputs` for backward (see the module docstring). One tensor out."""
+    if not recomputing():
+        return fn(*inputs)
+    device = next(t for t in inputs if t is not None).device.type
+    autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    return _Recomputed.apply(fn, autocast, *inputs)
