@@ -11,10 +11,15 @@ Three ways to compute it, all exact:
 - full sequence: one FFT convolution (O(L log L)), causal or bidirectional (a second kernel reading the future);
 - decoding: the recurrence itself, from a (batch, hidden, N) state, O(hidden * N) per token whatever the context;
 - prefill with a state: FFT for the new tokens plus the decayed contribution of the state, and the new state.
+
+The kernel is (hidden, L) floats, as many bytes as a float32 activation at batch 1 (a bidirectional one is a whole
+FFT buffer, 2-4x that). Training does not keep it for backward: the FFT convolution keeps the four parameters it
+is made of and builds it again in backward (fft_conv.fft_convolution_built), one small matrix multiply.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mega.model.derived import DerivedTensors
-from megatron_mega.model.fft_conv import fft_convolution
+from megatron_mega.model.fft_conv import fft_convolution, fft_convolution_built
 
 
 def _fft_size(n: int) -> int:
@@ -49,24 +54,32 @@ class MegaMultiDimensionDampedEma(nn.Module):
         self._derived = DerivedTensors()
 
     # ------------------------------------------------------------------ coefficients and kernel
+    def kernel_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The parameters the kernel is made of (delta, alpha, beta, eta)."""
+        return self.damping_factor, self.decay_factor, self.ema_expansion_matrix, self.kernel_projection_matrix
+
     def coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input weight p*beta, decay q, output weight eta/sqrt(N)), each (kernel_dim, N), in `dtype`; memoised
         while autograd is off (decoding asks for them at every token)."""
-        params = (self.damping_factor, self.decay_factor, self.ema_expansion_matrix, self.kernel_projection_matrix)
-        return self._derived.get(params, dtype, lambda: self._coefficients(dtype))
+        params = self.kernel_parameters()
+        return self._derived.get(params, dtype, lambda: self._coefficients(dtype, params))
 
-    def _coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        p = torch.sigmoid(self.damping_factor.to(dtype)).squeeze(-1)
-        q = 1.0 - p * torch.sigmoid(self.decay_factor.to(dtype)).squeeze(-1)
-        return p * self.ema_expansion_matrix.to(dtype).squeeze(-1), q, self.kernel_projection_matrix.to(dtype) * self.scale
+    def _coefficients(self, dtype: torch.dtype, params: tuple[torch.Tensor, ...]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        damping, decay, expansion, projection = params
+        p = torch.sigmoid(damping.to(dtype)).squeeze(-1)
+        q = 1.0 - p * torch.sigmoid(decay.to(dtype)).squeeze(-1)
+        return p * expansion.to(dtype).squeeze(-1), q, projection.to(dtype) * self.scale
 
-    def kernel(self, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """The convolution kernel k[d, l] for l < length, shape (kernel_dim, length).
+    def kernel(self, length: int, dtype: torch.dtype, params: Optional[tuple[torch.Tensor, ...]] = None
+               ) -> torch.Tensor:
+        """The convolution kernel k[d, l] for l < length, shape (kernel_dim, length), from `params` (default the
+        module's own, `kernel_parameters()`).
 
         k[d, l] = sum_n c[d, n] q[d, n]^l is a (length x N) Vandermonde product per channel. Writing l = i*B + j with
         B ~ sqrt(length), q^l = q^(iB) q^j turns it into one batched matrix multiply of (length/B x N) by (N x B):
         no (kernel_dim, N, length) tensor is built, in the forward or the backward pass."""
-        weight, q, out = self.coefficients(dtype)
+        weight, q, out = self.coefficients(dtype) if params is None else self._coefficients(dtype, params)
         block = max(1, math.isqrt(length - 1) + 1) if length > 1 else 1
         rows = -(-length // block)
         log_q = torch.log(q).unsqueeze(-1)  # q is in (0, 1): finite log, powers cannot overflow
@@ -74,6 +87,20 @@ class MegaMultiDimensionDampedEma(nn.Module):
         coarse = torch.exp(torch.arange(rows, device=q.device, dtype=dtype) * block * log_q)  # q^(iB), (D, N, R)
         kernel = torch.bmm(coarse.transpose(1, 2), (weight * out).unsqueeze(-1) * fine)  # (D, R, B)
         return kernel.reshape(kernel.shape[0], rows * block)[:, :length]
+
+    def _circular_kernel(self, k_len: int, n: int, dtype: torch.dtype, *params: torch.Tensor
+                         ) -> torch.Tensor:
+        """What the FFT convolves with: the causal kernel (D, K), or for a bidirectional EMA the whole length-n
+        circular buffer, its anti-causal half at negative lags (the end)."""
+        kernel = self.kernel(k_len, dtype, params)
+        if not self.bidirectional:
+            return kernel
+        dim = kernel.shape[0] // 2
+        forward, backward = kernel[:dim], kernel[dim:]
+        # built by concatenation rather than slice assignment into zeros: its backward is plain slicing
+        parts = [forward[:, :1] + backward[:, :1], forward[:, 1:],
+                 kernel.new_zeros(dim, n - 2 * k_len + 1), backward[:, 1:].flip(-1)]
+        return torch.cat(parts, dim=1)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -111,19 +138,20 @@ class MegaMultiDimensionDampedEma(nn.Module):
 
     def _convolve(self, u: torch.Tensor) -> torch.Tensor:
         """Full-sequence EMA by FFT. u: (B, L, D) -> (B, L, D)."""
-        _, length, dim = u.shape
+        length = u.shape[1]
         k_len = length if self.truncation is None else min(self.truncation, length)
-        kernel = self.kernel(k_len, u.dtype)  # (Dk, K)
         # linear (not circular) convolution needs n >= L + K - 1; the anti-causal half of a bidirectional kernel is
         # placed at negative lags (the end of the buffer), which the same bound keeps apart from the outputs.
         n = _fft_size(length + k_len - 1)
-        if self.bidirectional:
-            forward, backward = kernel[:dim], kernel[dim:]
-            # built by concatenation rather than slice assignment into zeros: its backward is plain slicing
-            parts = [forward[:, :1] + backward[:, :1], forward[:, 1:],
-                     kernel.new_zeros(dim, n - 2 * k_len + 1), backward[:, 1:].flip(-1)]
-            return fft_convolution(u, torch.cat(parts, dim=1))
-        return fft_convolution(u, kernel, n)  # zero-padded to n inside: backward keeps only the K entries
+        build = functools.partial(self._circular_kernel, k_len, n, u.dtype)
+        params = self.kernel_parameters()
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # the kernel is (D, K) floats, or (D, n) bidirectional, as many bytes as an activation: backward builds it
+            # again from the parameters (a small matrix product) rather than keep it
+            return fft_convolution_built(u, build, params, n)
+        # without autograd there is nothing to keep; under torch.compile the plain ops trace into the block's one
+        # graph (tests/model/test_traceable.py) and the compiler decides what backward keeps or recomputes
+        return fft_convolution(u, build(*params), n)  # zero-padded to n inside
 
     def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal EMA continuing from `state`. u: (B, L, D); state: (B, D, N) or None."""

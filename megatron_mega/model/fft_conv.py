@@ -12,16 +12,32 @@ size as forward's:
     dL/du = irfft(G * conj(K))[:L],   dL/dk = irfft(sum_b G * conj(U))[:K],   G = rfft(dL/dy padded to n).
 The time axis is moved last (contiguous) for the transforms, where they are fastest.
 
-What is kept for backward is u and the unpadded kernel, not their spectra U and K: a spectrum is (n/2 + 1) complex
+What is kept for backward is u and the kernel's makings, not the spectra U and K: a spectrum is (n/2 + 1) complex
 values for L real ones with n ~ 2L, twice the bytes, and u is usually kept anyway (the layer's normalised input,
 which the EMA's residual weight also saves). Backward recomputes U and K with two more transforms, which costs less
 than holding 8 bytes per token and channel for every layer (16 KiB per token and layer at the 1024-wide GPU
-anchor, a third of what a layer saves).
+anchor, where a layer keeps 66 KiB per token).
+
+Two entry points, which differ only in what stands for the kernel:
+- `fft_convolution(u, kernel, n)` takes the kernel as a tensor and keeps it: (D, K) floats, as many bytes as a
+  float32 activation of K tokens (4 KiB per token and layer at D = 1024 and batch 1; a bidirectional buffer is
+  n ~ 2-4 L long);
+- `fft_convolution_built(u, build, inputs, n)` takes a function that builds the kernel from a few small tensors
+  (the EMA's parameters) and keeps those instead, which cost nothing when they are parameters. Forward builds the
+  kernel without autograd, so neither the kernel nor what autograd would keep to build it (the EMA's: three
+  (D, N, ~sqrt(L)) factors, 3/4 of the kernel's bytes at 4096 tokens) outlives forward; backward builds it again,
+  with autograd and under forward's autocast state, for dL/du and to carry dL/dk back to the inputs. The EMA's
+  kernel is one (D, L/B, N) x (D, N, B) matrix product with B ~ sqrt(L), N = 16: far cheaper than the FFTs around
+  it. The same operations on the same values give the same kernel, so values and gradients are those of building
+  the kernel with autograd and calling `fft_convolution`, bit for bit.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _spectrum(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -32,33 +48,85 @@ def _spectrum(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.fft.rfft(padded)
 
 
+def _check_length(kernel: torch.Tensor, n: int) -> None:
+    if n < kernel.shape[-1]:
+        raise ValueError(f"FFT length {n} is shorter than the kernel ({kernel.shape[-1]})")
+
+
+def _convolve(u: torch.Tensor, kernel: torch.Tensor, n: int) -> torch.Tensor:
+    length = u.shape[1]
+    y = torch.fft.irfft(_spectrum(u, n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]  # (B, D, L)
+    return y.transpose(1, 2)
+
+
+def _grads(grad_y: torch.Tensor, u: torch.Tensor, kernel: torch.Tensor, n: int, need_u: bool, need_kernel: bool):
+    grad_f = _spectrum(grad_y, n)
+    grad_u = grad_kernel = None
+    if need_u:
+        grad_u = torch.fft.irfft(grad_f * torch.fft.rfft(kernel, n=n).conj(), n=n)
+        grad_u = grad_u[..., :u.shape[1]].transpose(1, 2)
+    if need_kernel:
+        grad_kernel = torch.fft.irfft((grad_f * _spectrum(u, n).conj()).sum(0), n=n)[:, :kernel.shape[-1]]
+    return grad_u, grad_kernel
+
+
 class _FFTConvolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: torch.Tensor, kernel: torch.Tensor, n: int) -> torch.Tensor:
-        length = u.shape[1]
-        y = torch.fft.irfft(_spectrum(u, n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]  # (B, D, L)
         ctx.save_for_backward(u, kernel)
         ctx.n = n
-        return y.transpose(1, 2)
+        return _convolve(u, kernel, n)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         u, kernel = ctx.saved_tensors
-        n = ctx.n
-        grad_f = _spectrum(grad_y, n)
-        grad_u = grad_kernel = None
-        if ctx.needs_input_grad[0]:
-            grad_u = torch.fft.irfft(grad_f * torch.fft.rfft(kernel, n=n).conj(), n=n)
-            grad_u = grad_u[..., :u.shape[1]].transpose(1, 2)
-        if ctx.needs_input_grad[1]:
-            grad_kernel = torch.fft.irfft((grad_f * _spectrum(u, n).conj()).sum(0), n=n)[:, :kernel.shape[-1]]
-        return grad_u, grad_kernel, None
+        return *_grads(grad_y, u, kernel, ctx.n, *ctx.needs_input_grad[:2]), None
+
+
+class _BuiltFFTConvolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, n: int, build: Callable[..., torch.Tensor], *inputs: torch.Tensor):
+        with torch.no_grad():
+            kernel = build(*inputs)
+        _check_length(kernel, n)
+        ctx.save_for_backward(u, *inputs)
+        ctx.n, ctx.build = n, build
+        device = u.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return _convolve(u, kernel, n)
+
+    @staticmethod
+    @once_differentiable  # backward differentiates the rebuilt kernel itself; a graph of that is not kept
+    def backward(ctx, grad_y: torch.Tensor):
+        u, *inputs = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[3:]
+        need_kernel = any(wanted)
+        # fresh leaves: the rebuilt graph reaches the inputs and stops there, its gradients come back to us
+        leaves = [x.detach().requires_grad_(w) for x, w in zip(inputs, wanted)]
+        # the autocast state of forward, not of wherever backward was called from: the same kernel, to the bit
+        device, autocast, autocast_dtype = ctx.autocast
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast), torch.set_grad_enabled(need_kernel):
+            kernel = ctx.build(*leaves)
+        grad_u, grad_kernel = _grads(grad_y, u, kernel.detach(), ctx.n, ctx.needs_input_grad[0], need_kernel)
+        grad_inputs = [None] * len(inputs)
+        if need_kernel:
+            targets = [x for x in leaves if x.requires_grad]
+            found = iter(torch.autograd.grad(kernel, targets, grad_kernel, allow_unused=True))
+            grad_inputs = [next(found) if x.requires_grad else None for x in leaves]
+        return grad_u, None, None, *grad_inputs
 
 
 def fft_convolution(u: torch.Tensor, kernel: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """u (B, L, D), kernel (D, K) -> y (B, L, D) (a transposed view). n: the FFT length, >= K and >= L + (the
     kernel's causal support) - 1; default K (the kernel is already the whole circular buffer)."""
     n = kernel.shape[-1] if n is None else n
-    if n < kernel.shape[-1]:
-        raise ValueError(f"FFT length {n} is shorter than the kernel ({kernel.shape[-1]})")
+    _check_length(kernel, n)
     return _FFTConvolution.apply(u, kernel, n)
+
+
+def fft_convolution_built(u: torch.Tensor, build: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                          n: int) -> torch.Tensor:
+    """`fft_convolution(u, build(*inputs), n)` that keeps `inputs` for backward instead of the kernel and builds
+    the kernel again there. `build` must be deterministic, depend on nothing else that needs a gradient, and give
+    the same kernel under autograd as without it."""
+    return _BuiltFFTConvolution.apply(u, n, build, *inputs)
