@@ -1,12 +1,12 @@
 """What one MEGA layer keeps for backward, per token: the number that bounds the trainable sequence length.
 
 Runs one MegaBlock forward (train mode, the config's dropouts) on the CPU under bf16 autocast (as the GPU trains)
-or in float32, and records every tensor autograd packs for backward (saved-tensor hooks; the regions of
-model/recompute.py show up as their inputs), counted once per storage, parameters excluded. It does so at two
-lengths, L and 2L, and splits the bytes into a part per token (the slope) and a part per layer that does not grow
-with the sequence (the intercept: bf16 copies of the weights, the EMA kernel's factors). Then it projects the
-whole model's activation memory for --project batch x seq: layers x (per-layer + per-token x tokens), plus
-float32 weights and gradients.
+or in float32, and records every tensor autograd packs for backward (saved-tensor hooks; what backward recomputes,
+model/recompute.py and model/recomputed_linear.py, shows up as its inputs), counted once per storage, parameters
+excluded. It does so at two lengths, L and 2L, and splits the bytes into a part per token (the slope) and a part
+per layer that does not grow with the sequence (the intercept: bf16 copies of the weights, the EMA kernel's
+factors). Then it projects the whole model's activation memory for --project batch x seq: layers x (per-layer +
+per-token x tokens), plus float32 weights and gradients.
 
 The projection is a lower bound of what a GPU's peak would be: it leaves out transient buffers (the FFT's padded
 copies, the attention scores of one layer), the allocator's rounding, and the logits of the loss. The CPU's
@@ -16,6 +16,7 @@ dropout keeps int64 positions of the drops (~0.8 bytes per element at p=0.1) whe
     .venv/bin/python benchmarks/activation_memory.py --top 25 --project 1x16384
     .venv/bin/python benchmarks/activation_memory.py --dtype float32 --hidden 256 --v 512 --z 64 --nffn 256 \\
         --chunk 128 --length 1024
+    .venv/bin/python benchmarks/activation_memory.py --keep                # selective recomputation off
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from megatron_mega import MegaConfig  # noqa: E402
-from megatron_mega.model.block import MegaBlock  # noqa: E402
+from megatron_mega.model.block import MegaBlock, set_selective_recompute  # noqa: E402
 
 
 def kept_tensors(block: MegaBlock, batch: int, length: int, autocast: bool, seed: int = 0) -> dict:
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=2048, help="measured at this length and twice it")
     p.add_argument("--project", default="1x16384", help="BATCHxSEQ to project the model's activation memory for")
     p.add_argument("--top", type=int, default=0, help="list the N largest kept tensors at 2 x --length")
+    p.add_argument("--keep", action="store_true",
+                   help="selective recomputation off (parallel.selective_recompute=false): what plain autograd keeps")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
         nffn_activation_dropout_prob=args.dropout)
     torch.manual_seed(0)
     block = MegaBlock(config).train()
+    set_selective_recompute(block, not args.keep)
     autocast = args.dtype == "bf16-autocast"
 
     short = kept_tensors(block, args.batch, args.length, autocast)
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
     per_layer = total_short - per_token * tokens
 
     print(f"config: d={args.hidden} z={args.z} v={args.v} nffn={args.nffn} N={args.ndim} chunk={args.chunk or 'none'} "
-          f"{args.bias} {'encoder' if args.encoder else 'decoder'} dropout={args.dropout} {args.dtype}, batch {args.batch}")
+          f"{args.bias} {'encoder' if args.encoder else 'decoder'} dropout={args.dropout} {args.dtype}, batch {args.batch}"
+          f", selective recomputation {'off' if args.keep else 'on'}")
     print(f"kept for backward by one layer: {per_token / 1024:.1f} KiB per token + {per_layer / 2**20:.1f} MiB per layer "
           f"(measured at {args.length} and {2 * args.length} tokens: {total_short / 2**20:.0f} / {total_long / 2**20:.0f} MiB)")
 

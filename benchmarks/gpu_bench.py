@@ -13,8 +13,9 @@ Each case runs in a fresh worker process (its peak memory is its own, and a cras
 loses that row); the parent prints a table and writes JSON. Per case: seconds/step (median of --steps timed steps
 after --warmup steps, CUDA events), tokens/s, peak GiB (torch.cuda.max_memory_allocated over warm-up and timed
 steps, weights and gradients included), TFLOP/s and MFU on two bases: 6 x parameters x tokens, and the exact
-MEGA count of megatron_mega.training.flops (matrix multiplies, attention over whole chunks, recomputation counted
-when activation checkpointing is on). MFU is against --peak-tflops (989: the H200's dense bf16 figure).
+MEGA count of megatron_mega.training.flops (matrix multiplies, attention over whole chunks, recomputation counted:
+the blocks' with activation checkpointing, the attention's query-key product with selective recomputation).
+MFU is against --peak-tflops (989: the H200's dense bf16 figure).
 
     python3 benchmarks/gpu_bench.py                                # the plan below, then the table
     python3 benchmarks/gpu_bench.py --only ours:4x4096:c1024 --steps 10
@@ -53,6 +54,7 @@ class Case:
     act_ckpt: bool = False
     compile: bool = False
     attention: str = "auto"   # auto | math: the SDPA backend (ours)
+    keep: bool = False        # ours: selective recomputation off (model/block.py's set_selective_recompute)
     steps: int = 6
     warmup: int = 2
 
@@ -62,16 +64,19 @@ class Case:
         parts += ["ckpt"] if self.act_ckpt else []
         parts += ["compiled"] if self.compile else []
         parts += [f"sdpa-{self.attention}"] if self.attention != "auto" else []
+        parts += ["keep"] if self.keep else []
         return ":".join(parts)
 
 
 # in order of importance: a budget cut drops the tail. The compiled cases are what parallel.compile_blocks trains
-# with (nn.Module.compile on each block); the 1x16384 pair is the memory target (<= 20 GiB).
+# with (nn.Module.compile on each block); the 1x16384 cases are the memory target (<= 20 GiB); "keep" rows price
+# selective recomputation (parallel.selective_recompute, on by default) in speed and memory.
 PLAN = [
     Case("ours", 4, 4096, 1024),
     Case("ours", 4, 4096, 1024, compile=True, warmup=3),
     Case("gpt", 4, 4096),
     Case("ours", 1, 16384, 1024),
+    Case("ours", 4, 4096, 1024, keep=True),
     Case("ours", 1, 16384, 1024, compile=True, warmup=3),
     Case("ours", 1, 262144, 1024, act_ckpt=True, steps=2, warmup=1),
     Case("hf", 4, 4096, 1024),
@@ -149,6 +154,10 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda", profile:
         else:
             raise SystemExit(f"unknown impl {case.impl!r}")
     model = model.to(device)
+    if case.keep:
+        from megatron_mega.model.block import set_selective_recompute
+
+        set_selective_recompute(model, False)
     if case.act_ckpt:
         model.gradient_checkpointing_enable()
     if case.precision == "bf16":
@@ -217,7 +226,8 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda", profile:
         from megatron_mega.training.flops import train_flops
 
         exact = train_flops(MegaConfig(**mega_kwargs(case)), case.batch, case.seq,
-                            activation_checkpointing=case.act_ckpt)
+                            activation_checkpointing=case.act_ckpt,
+                            selective_recompute=case.impl == "ours" and not case.keep)
         row["tflops_exact"] = exact / seconds / 1e12
     row["mfu_6n"] = row["tflops_6n"] / peak_tflops
     if "tflops_exact" in row:
@@ -231,7 +241,8 @@ def worker_command(case: Case, peak_tflops: float, device: str, tiny: bool, pyth
            "--seq", str(case.seq), "--chunk", str(case.chunk), "--precision", case.precision,
            "--attention", case.attention, "--steps", str(case.steps), "--warmup", str(case.warmup),
            "--peak-tflops", str(peak_tflops), "--device", device] + (["--tiny"] if tiny else [])
-    return cmd + (["--act-ckpt"] if case.act_ckpt else []) + (["--compile"] if case.compile else [])
+    return cmd + (["--act-ckpt"] if case.act_ckpt else []) + (["--compile"] if case.compile else []) + (
+        ["--keep"] if case.keep else [])
 
 
 def run_worker(case: Case, args: argparse.Namespace, timeout: float) -> dict:
@@ -264,7 +275,7 @@ HEADER = (f"{'case':<44} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>7} {'TF/s6
 
 
 def parse_only(spec: str) -> Case:
-    """impl:BxL[:cC][:bf16][:ckpt][:compiled][:math], e.g. ours:4x4096:c1024."""
+    """impl:BxL[:cC][:bf16][:ckpt][:compiled][:math][:keep], e.g. ours:4x4096:c1024."""
     impl, shape, *flags = spec.split(":")
     batch, seq = (int(v) for v in shape.split("x"))
     case = Case(impl, batch, seq)
@@ -279,6 +290,8 @@ def parse_only(spec: str) -> Case:
             case.compile = True
         elif flag == "math":
             case.attention = "math"
+        elif flag == "keep":
+            case.keep = True
         else:
             raise SystemExit(f"--only {spec}: unknown flag {flag!r}")
     return case
@@ -295,6 +308,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--attention", default="auto", choices=("auto", "math"))
     p.add_argument("--act-ckpt", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--keep", action="store_true", help="ours: selective recomputation off")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.0)
@@ -313,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       nffn_hidden_size=128)
     if args.worker:
         case = Case(args.impl, args.batch, args.seq, args.chunk, args.precision, args.act_ckpt, args.compile,
-                    args.attention)
+                    args.attention, args.keep)
         case.steps = args.steps or case.steps
         case.warmup = args.warmup if args.warmup is not None else case.warmup
         print(RESULT_MARKER + json.dumps(run_case(case, args.peak_tflops, args.device, args.profile)), flush=True)

@@ -22,6 +22,7 @@ from torch import nn
 from megatron_mega.model.activations import get_activation
 from megatron_mega.model.dropout import apply_drop_mask, drop_mask
 from megatron_mega.model.dropout import dropout as dropout_fn
+from megatron_mega.model.recompute import product
 
 
 def _masked_value(dtype: torch.dtype) -> float:
@@ -97,6 +98,13 @@ class ChunkedAttention(nn.Module):
         return out, weights
 
     # ------------------------------------------------------------------ a pass without cache, its parts drawn ahead
+    def worth_recomputing(self, device) -> bool:
+        """Whether recomputing this attention in backward (model/recompute.py) keeps less: not where a training
+        pass goes through SDPA's fused kernel (softmax without dropout, off CUDA), which keeps only its output and
+        row statistics and would run whole again."""
+        dropout = self.attention_dropout if self.training else 0.0
+        return not (self.element_activation is None and dropout == 0.0 and torch.device(device).type != "cuda")
+
     def block_size(self, length: int) -> int:
         """The side of the square blocks a pass of `length` tokens without cache attends in."""
         return length if self.chunk_size is None or length <= self.chunk_size else self.chunk_size
@@ -161,7 +169,7 @@ class ChunkedAttention(nn.Module):
         # would (the kernel accumulates in float32 either way)
         weights = torch.softmax(scores, dim=-1, dtype=scores.dtype).view(*lead, *scores.shape[-2:])
         del scores
-        out = torch.matmul(drop(weights), v)
+        out = product(drop(weights), v)
         return out, weights if output_attentions else None
 
     def _element(self, q, k, v, bias, future, key_mask, query_positions, drop):
@@ -184,6 +192,6 @@ class ChunkedAttention(nn.Module):
         weights = self.element_activation(scores)
         if visible is not None:
             weights = weights * visible.to(weights.dtype)
-        out = torch.matmul(drop(weights), v)
+        out = product(drop(weights), v)
         return out, weights
 

@@ -109,10 +109,12 @@ class MegaMultiDimensionDampedEma(nn.Module):
         mask: Optional[torch.Tensor] = None,
         state: Optional[torch.Tensor] = None,
         return_state: bool = False,
+        activate: bool = True,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, L, D); mask: (B, L), 1/True = token, 0/False = padding (zeroed before smoothing);
         state: (B, D, N) EMA state after the previous tokens. Returns silu(ema(x) + omega * x) and, when
-        `return_state`, the state after the last token."""
+        `return_state`, the state after the last token. `activate=False`: ema(x) + omega * x, the silu left to the
+        caller (one that recomputes it in backward rather than keep its output)."""
         # x * omega first, then the EMA added in place: the sum keeps x's (B, L, D) layout, where `residual + y`
         # would take the layout of y, a transposed view out of the FFT, and hand a transposed tensor to everything
         # downstream (each Linear would copy it first)
@@ -133,8 +135,8 @@ class MegaMultiDimensionDampedEma(nn.Module):
         # powers and the convolution stay in compute_dtype
         with torch.autocast(device_type=u.device.type, enabled=False):
             y, new_state = self._recurrent(u, state) if recurrent else (self._convolve(u), None)
-        out = F.silu(residual.add_(y.to(x.dtype)))
-        return out, new_state
+        out = residual.add_(y.to(x.dtype))
+        return (F.silu(out) if activate else out), new_state
 
     def _convolve(self, u: torch.Tensor) -> torch.Tensor:
         """Full-sequence EMA by FFT. u: (B, L, D) -> (B, L, D)."""

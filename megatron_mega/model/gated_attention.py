@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_mega.model.activations import get_activation
@@ -32,7 +33,11 @@ def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[tor
 
 
 class MegaMovingAverageGatedAttention(nn.Module):
-    """Names of submodules and parameters follow transformers so checkpoints map one to one."""
+    """Names of submodules and parameters follow transformers so checkpoints map one to one. `recompute`: a
+    training pass recomputes its attention and gated output in backward rather than keep their intermediates
+    (model/block.py's `set_selective_recompute`)."""
+
+    recompute = True
 
     def __init__(self, config):
         super().__init__()
@@ -47,7 +52,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
         self.norm = MegaSequenceNorm(config.normalization_type, config.hidden_size, affine=config.norm_affine)
         self.ema_gate = MegaMultiDimensionDampedEma(config)
         self.v_proj = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.mx_proj = nn.Linear(config.hidden_size, self.z_size + self.v_size + 2 * config.hidden_size)
+        self.mx_proj = RecomputedInputLinear(config.hidden_size, self.z_size + self.v_size + 2 * config.hidden_size)
         self.h_proj = RecomputedInputLinear(config.intermediate_size, config.hidden_size)
         self.qk_weight = nn.Parameter(torch.empty(2, self.z_size))
         self.qk_bias = nn.Parameter(torch.empty(2, self.z_size))
@@ -68,22 +73,31 @@ class MegaMovingAverageGatedAttention(nn.Module):
         residual = x
         h = self.norm(x) if self.normalize_before else x
         value = self.v_proj(h)  # (B, L, v), activated and dropped below
-        # a training pass recomputes its attention in backward (model/recompute.py): the activated, dropped values,
-        # the scores and the weights are not kept, only what they come from; dropout masks are drawn ahead for that
-        recompute = (cache is None and not use_cache and not output_attentions and recomputing()
-                     and self.hidden_dropout.maskable and self.attention.attention_dropout < 1.0)
-        if recompute:
+        # a training pass recomputes parts in backward (model/recompute.py, model/recomputed_linear.py): the
+        # activated, dropped tensors, the attention's scores and weights are not kept, only what they come from;
+        # dropout masks are drawn ahead for that
+        regions = (self.recompute and cache is None and not use_cache and not output_attentions
+                   and recomputing())
+        recompute_output = regions and self.dropout.maskable
+        recompute_attention = (regions and self.hidden_dropout.maskable and self.attention.attention_dropout < 1.0
+                     and self.attention.worth_recomputing(x.device))
+        if recompute_attention:
             value_drops = self.hidden_dropout.mask_for(value)
         else:
             value = self.hidden_dropout(self.activation(value))
-        ema_out, ema_state = self.ema_gate(
-            h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache)
-        base = self.mx_proj(self.dropout(ema_out))
+        if recompute_output:
+            # mx_proj keeps the EMA's output before its silu and the drops, not the activated, dropped copy it reads
+            ema_out, ema_state = self.ema_gate(h, mask, activate=False)
+            base = self.mx_proj(ema_out, self.dropout.mask_for(ema_out), prologue=self._activate_and_drop_ema)
+        else:
+            ema_out, ema_state = self.ema_gate(
+                h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache)
+            base = self.mx_proj(self.dropout(ema_out))
         # the gates stay pre-activation here: each is activated where it is used, by a function that keeps only
         # `base` (kept anyway) for backward, not the activated copy (model/gates.py)
         residual_gate, query_key_gate, attention_gate, intermediate = torch.split(
             base, [self.hidden_size, self.z_size, self.v_size, self.hidden_size], dim=-1)
-        if recompute:
+        if recompute_attention:
             bias = self.attention.block_bias(self.rel_pos_bias, length, x.device)
             weight_drops = self.attention.draw_weight_drops(batch, length, x.device)
             attended = recomputed(self._attend, query_key_gate, self.qk_weight, self.qk_bias, value, value_drops,
@@ -96,7 +110,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
 
         # h_proj keeps the attention output and the gate for backward, not their product it reads
         out = intermediate + self.h_proj(attended, attention_gate, prologue=gate_values_plain)
-        if recompute and self.dropout.maskable:
+        if recompute_output:
             # the activated, dropped output the residual gate mixes in is recomputed too
             out = recomputed(self._gated_output, residual, residual_gate, out, self.dropout.mask_for(out))
         else:
@@ -111,6 +125,9 @@ class MegaMovingAverageGatedAttention(nn.Module):
         query, key = query_key_plain(query_key_gate, qk_weight, qk_bias)
         value = self.hidden_dropout.apply_mask(self.activation(value), value_drops)
         return self.attention(query, key, value, mask, bias, weight_drops=weight_drops)[0]
+
+    def _activate_and_drop_ema(self, ema_out, drops) -> torch.Tensor:
+        return self.dropout.apply_mask(F.silu(ema_out), drops)
 
     def _gated_output(self, residual, residual_gate, out, drops) -> torch.Tensor:
         return gated_residual_plain(residual, residual_gate, self.dropout.apply_mask(self.activation(out), drops))

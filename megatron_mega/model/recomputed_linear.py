@@ -57,13 +57,16 @@ class _RecomputedInputLinear(torch.autograd.Function):
 
 class RecomputedInputLinear(nn.Linear):
     """nn.Linear; `layer(*inputs, prologue=f)` is `layer(f(*inputs))` keeping `inputs` for backward instead of
-    f(*inputs). f must be deterministic given its inputs (dropout masks come in as inputs) and elementwise-cheap."""
+    f(*inputs). f must be deterministic given its inputs (dropout masks come in as inputs) and elementwise-cheap.
+    `recompute = False` keeps the input as nn.Linear does (model/block.py's `set_selective_recompute`)."""
+
+    recompute = True
 
     def forward(self, *inputs: Optional[torch.Tensor], prologue: Optional[Callable] = None) -> torch.Tensor:
         if prologue is None:
             (x,) = inputs
             return F.linear(x, self.weight, self.bias)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self.recompute or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(prologue(*inputs), self.weight, self.bias)
         device = self.weight.device.type
         weight, bias = self.weight, self.bias

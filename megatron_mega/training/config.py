@@ -105,6 +105,10 @@ class ParallelConfig:
     pipeline_stages: int = 1
     zero_stage: int = 0
     activation_checkpointing: bool = False
+    # each MEGA block recomputes its cheap intermediates in backward (attention scores and weights, activated and
+    # dropped projection inputs): 36% less activation memory at the GPU anchor for one more query-key product
+    # (model/block.py's set_selective_recompute); off keeps them, as plain autograd would
+    selective_recompute: bool = True
     # torch.compile each MEGA block (nn.Module.compile) before DeepSpeed wraps the model: one fused graph per block.
     # Measured on an H200: +20% training tokens/s and 37% less peak memory (benchmarks/gpu_bench.py's compiled case);
     # The first step pays the compilation (tiny test config on a CPU: ~60 s; inductor's on-disk cache shortens reruns).
@@ -123,7 +127,7 @@ class ParallelConfig:
         _check(self.pipeline_stages == 1 or self.zero_stage <= 1,
                f"parallel.zero_stage: ZeRO-{self.zero_stage} cannot be combined with pipeline parallelism "
                f"(parallel.pipeline_stages={self.pipeline_stages}); DeepSpeed supports ZeRO-0/1 with pipelines")
-        for name in ("activation_checkpointing", "compile_blocks", "cpu_shm_allreduce"):
+        for name in ("activation_checkpointing", "selective_recompute", "compile_blocks", "cpu_shm_allreduce"):
             _check(isinstance(getattr(self, name), bool), f"parallel.{name}: expected true or false")
         # ZeRO-3 gathers each submodule's parameters in hooks that then run inside the compiled block: torch.compile
         # splits the block at every hook and recompiles the hooks until it hits its recompile limit (measured, tiny

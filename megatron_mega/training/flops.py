@@ -43,9 +43,13 @@ def forward_flops(config: MegaConfig, batch: int, seq_len: int, predicted_tokens
 
 
 def train_flops(config: MegaConfig, batch: int, seq_len: int, predicted_tokens: int | None = None,
-                activation_checkpointing: bool = False) -> int:
-    """FLOPs of one forward + backward (+ recomputation of the blocks with activation checkpointing)."""
+                activation_checkpointing: bool = False, selective_recompute: bool = False) -> int:
+    """FLOPs of one forward + backward (+ recomputation of the blocks with activation checkpointing, + the query-key
+    product the attention recomputes in backward with selective recomputation)."""
     total = 3 * forward_flops(config, batch, seq_len, predicted_tokens)
     if activation_checkpointing:
         total += batch * seq_len * config.num_hidden_layers * layer_flops_per_token(config, seq_len)
+    if selective_recompute:
+        span = min(config.chunk_size, seq_len) if config.use_chunking else seq_len
+        total += batch * seq_len * config.num_hidden_layers * 2 * span * config.shared_representation_size
     return total

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_mega.model.block import compile_blocks
+from megatron_mega.model.block import compile_blocks, set_selective_recompute
 from megatron_mega.training import checkpointing
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 from megatron_mega.training.distributed import DistContext
@@ -479,6 +479,9 @@ class Trainer:
             init_state = initial_lm_state(ck.init_from_hf, cfg.model, cfg.objective, cfg.seed)
             self.log(f"starting from the weights of {ck.init_from_hf}")
         model = self._pipeline_module(init_state) if self.pipeline else build_model(cfg, init_state)
+        if not cfg.parallel.selective_recompute:
+            set_selective_recompute(model, False)
+            self.log("parallel.selective_recompute: off (backward keeps every intermediate of the MEGA blocks)")
         if cfg.parallel.compile_blocks:
             where = " on stage 0" if self.pipeline else ""  # rank 0 logs; every stage compiles its own blocks
             self.log(f"parallel.compile_blocks: {compile_blocks(model)} MEGA block(s){where} compiled with "

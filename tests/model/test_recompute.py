@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from megatron_mega.model import dropout as dropout_module
 from megatron_mega.model import gated_attention, gates, recomputed_linear
-from megatron_mega.model.block import MegaBlock
+from megatron_mega.model.block import MegaBlock, set_selective_recompute
 from megatron_mega.model.gates import gate_values_plain
 from megatron_mega.model.recomputed_linear import RecomputedInputLinear
 from tests.helpers import kept_bytes, kept_for_backward, tiny_config
@@ -19,11 +19,6 @@ from tests.helpers import kept_bytes, kept_for_backward, tiny_config
 
 def _autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
-
-
-def _plain_apply(prologue, autocast, weight, bias, *inputs):
-    # autograd of linear(prologue(*inputs)) with the weight cast as the module casts it: the reference
-    return F.linear(prologue(*inputs).to(weight.dtype), weight, bias)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -114,8 +109,7 @@ def test_block_recomputation_is_bit_identical_and_keeps_less(monkeypatch, autoca
     ours = [run(length) for length in lengths]
     for name in ("query_key", "gated_residual"):
         monkeypatch.setattr(gated_attention, name, getattr(gates, name + "_plain"))
-    monkeypatch.setattr(recomputed_linear._RecomputedInputLinear, "apply", _plain_apply)
-    monkeypatch.setattr(gated_attention, "recomputing", lambda: False)  # the attention's plain path
+    assert set_selective_recompute(block, False) == 4  # the gated attention, mx_proj, h_proj and fc2
     plain = [run(length) for length in lengths]
     for (out, grads, _), (ref_out, ref_grads, _) in zip(ours, plain):
         assert torch.equal(out, ref_out)
@@ -131,13 +125,14 @@ def test_block_recomputation_is_bit_identical_and_keeps_less(monkeypatch, autoca
     # no longer kept per token (the slope between the two lengths; per-layer terms such as the bias matrix cancel):
     # - the gates: sigmoid(residual gate) (d), silu of the query-key gate (z), the float32 difference out - residual
     #   (d), the activated, dropped output the residual gate mixes in (d)
-    # - h_proj's input and silu of the attention gate (2v); fc2's input, the activated, dropped FFN state (f)
+    # - h_proj's input and silu of the attention gate (2v); fc2's input, the activated, dropped FFN state (f);
+    #   mx_proj's input, the activated, dropped EMA output (d)
     # - the attention: the query and key (2z), the activated, dropped values (v), the weights and the dropped
     #   weights (2 x chunk); newly kept: the padding mask it reads (1 byte, bool)
     d, z, v, f = (config.hidden_size, config.shared_representation_size, config.intermediate_size,
                   config.nffn_hidden_size)
     half = 2 if autocast else 4
-    per_token = half * d + half * z + 4 * d + 2 * half * v + half * f + 2 * half * z + half * v + 2 * half * config.chunk_size - 1
+    per_token = 2 * half * d + half * z + 4 * d + 2 * half * v + half * f + 2 * half * z + half * v + 2 * half * config.chunk_size - 1
     assert saved[1] - saved[0] == batch * (lengths[1] - lengths[0]) * per_token
 
 

@@ -44,6 +44,7 @@ def test_overrides_and_round_trip():
     (["bogus.x=1"], "bogus: unknown section"),
     (["optim.train_steps=0"], "optim.train_steps: 0 writes the initial weights as a step-0 checkpoint"),
     (["optim.train_steps=-1"], "optim.train_steps: must be a positive integer"),
+    (["parallel.selective_recompute=2"], "parallel.selective_recompute: expected true or false"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(TrainConfigError, match=message):
@@ -104,6 +105,8 @@ def test_flop_count_against_a_hand_count():
     assert train_flops(config, 3, 10) == 3 * (30 * 2 * 1728 + 30 * 1728)
     assert train_flops(config, 3, 10, activation_checkpointing=True) == 3 * 30 * 3 * 1728 + 30 * 2 * 1728
     assert forward_flops(config, 3, 10, predicted_tokens=5) == 30 * 2 * 1728 + 5 * 1728
+    # selective recomputation redoes QK^T in backward: 2 * 4 (chunk) * 4 (z) per token and layer
+    assert train_flops(config, 3, 10, selective_recompute=True) == train_flops(config, 3, 10) + 30 * 2 * 32
 
 
 def test_dry_run_prints_config_json_and_counts(capsys):

@@ -63,6 +63,8 @@ def assert_checkpoint_holds(checkpoint_dir: str, hf_dir: str) -> None:
         assert torch.equal(weights.state[name], tensor), name
 
 
+DROPOUTS = {f"model__{name}": 0.1 for name in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                                                "nffn_activation_dropout_prob")}
 POISON_STEP = 1  # 0-based: the second optimizer step gets inf/NaN gradients from a finite loss
 
 
@@ -89,6 +91,8 @@ def single(tiny_dict, tmp_path_factory):
             optim__max_nonfinite_in_a_row=2),
         # 9: a Hugging Face directory -> the training checkpoint of step 0 (optim.train_steps=0), no step
         job(tiny_dict, optim__train_steps=0, checkpoint__dir=str(out / "step0"), checkpoint__init_from_hf=hf),
+        # 10, 11: every dropout on, selective recomputation on (the default) and off
+        *[job(tiny_dict, optim__train_steps=4, parallel__selective_recompute=on, **DROPOUTS) for on in (True, False)],
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -155,6 +159,14 @@ def test_step0_checkpoint_from_hf_directory(single):
     result = results[9]
     assert result["step"] == 0 and result["losses"] == {} and result["checkpoint"].endswith("step00000000")
     assert_checkpoint_holds(str(out / "step0"), hf)
+
+
+def test_selective_recompute_off_keeps_the_losses(single):
+    # the same dropout masks either way (drawn ahead or not, the same draws): the same losses, up to the order
+    # in which a few gradients are summed
+    on, off = single[0][10], single[0][11]
+    assert any("parallel.selective_recompute: off" in line for line in off["lines"])
+    assert len(losses(on)) == 4 and losses(off) == pytest.approx(losses(on), rel=1e-6, abs=0)
 
 
 def test_bf16(single):
