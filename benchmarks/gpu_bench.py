@@ -227,7 +227,7 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda", profile:
 
         exact = train_flops(MegaConfig(**mega_kwargs(case)), case.batch, case.seq,
                             activation_checkpointing=case.act_ckpt,
-                            selective_recompute=case.impl == "ours" and not case.keep)
+                            selective_recompute=case.impl == "ours" and not case.keep and not case.compile)
         row["tflops_exact"] = exact / seconds / 1e12
     row["mfu_6n"] = row["tflops_6n"] / peak_tflops
     if "tflops_exact" in row:

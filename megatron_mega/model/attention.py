@@ -42,6 +42,8 @@ class ChunkedAttention(nn.Module):
     """Attention weights and their application to values. Holds no parameters: the relative bias belongs to the
     gated attention layer (transformers' state-dict layout) and is passed in."""
 
+    replay_off_cuda = False  # see worth_recomputing
+
     def __init__(self, config, attention_dropout: float):
         super().__init__()
         self.chunk_size = config.chunk_size if config.use_chunking else None
@@ -99,11 +101,12 @@ class ChunkedAttention(nn.Module):
 
     # ------------------------------------------------------------------ a pass without cache, its parts drawn ahead
     def worth_recomputing(self, device) -> bool:
-        """Whether recomputing this attention in backward (model/recompute.py) keeps less: not where a training
-        pass goes through SDPA's fused kernel (softmax without dropout, off CUDA), which keeps only its output and
-        row statistics and would run whole again."""
-        dropout = self.attention_dropout if self.training else 0.0
-        return not (self.element_activation is None and dropout == 0.0 and torch.device(device).type != "cuda")
+        """Whether a training pass's attention is recomputed in backward (model/recompute.py) rather than keep its
+        weights: on CUDA. On the CPU the replay's passes over the (C x C) weights cost more than the memory is worth
+        (+10% of a step at the CPU benchmark's 4x1024 unchunked case, which then fell below its 3x target) and
+        SDPA's fused kernel, which a pass without attention dropout takes there, keeps little anyway.
+        `replay_off_cuda` forces it elsewhere: what tests and benchmarks/activation_memory.py count on the CPU."""
+        return self.replay_off_cuda or torch.device(device).type == "cuda"
 
     def block_size(self, length: int) -> int:
         """The side of the square blocks a pass of `length` tokens without cache attends in."""

@@ -28,7 +28,8 @@ class MegaNormalizedFeedForwardNetwork(nn.Module):
         if self.prenorm:
             x = self.norm(x)
         hidden = self.fc1(x)
-        if self.hidden_dropout.maskable and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (self.fc2.recompute and self.hidden_dropout.maskable and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             # fc2 keeps fc1's output and the drops for backward, not the activated and dropped copy it reads
             # (model/recomputed_linear.py)
             projected = self.fc2(hidden, self.hidden_dropout.mask_for(hidden), prologue=self._activate_and_drop)

@@ -80,7 +80,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
                    and recomputing())
         recompute_output = regions and self.dropout.maskable
         recompute_attention = (regions and self.hidden_dropout.maskable and self.attention.attention_dropout < 1.0
-                     and self.attention.worth_recomputing(x.device))
+                               and self.attention.worth_recomputing(x.device))
         if recompute_attention:
             value_drops = self.hidden_dropout.mask_for(value)
         else:

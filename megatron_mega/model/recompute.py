@@ -16,10 +16,12 @@ choice for the whole block.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _replay = threading.local()
 
@@ -60,24 +62,33 @@ class _Recomputed(torch.autograd.Function):
     def forward(ctx, fn: Callable, autocast: tuple, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.fn, ctx.autocast = fn, autocast
         ctx.save_for_backward(*inputs)
-        return fn(*inputs)
+        with _replaying(False):  # a region entered inside another's replay computes its value: it is read
+            return fn(*inputs)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
             device, enabled, dtype = ctx.autocast
-            _replay.active = True
-            try:
-                with torch.autocast(device, dtype=dtype, enabled=enabled):
-                    out = ctx.fn(*leaves)
-            finally:
-                _replay.active = False
-        if any(needs):
-            torch.autograd.backward(out, grad)
-        return (None, None, *(leaf.grad if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
+            with _replaying(True), torch.autocast(device, dtype=dtype, enabled=enabled):
+                out = ctx.fn(*leaves)
+        wanted = [leaf for leaf, need in zip(leaves, needs) if leaf is not None and need]
+        # autograd.grad, not backward: only the leaves get gradients, never a tensor fn might close over
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+        return (None, None, *(next(grads) if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
+
+
+@contextlib.contextmanager
+def _replaying(active: bool):
+    previous = getattr(_replay, "active", False)
+    _replay.active = active
+    try:
+        yield
+    finally:
+        _replay.active = previous
 
 
 def recomputing() -> bool:

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class _RecomputedInputLinear(torch.autograd.Function):
@@ -35,6 +36,7 @@ class _RecomputedInputLinear(torch.autograd.Function):
         return F.linear(x.to(weight.dtype), weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         weight, *inputs = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:]
@@ -49,10 +51,11 @@ class _RecomputedInputLinear(torch.autograd.Function):
         # addmm's backward for linear(x) = addmm(bias, x, weight.t()): the same products, so the same bits
         grad_weight = grad_2d.t().mm(x_2d) if ctx.needs_input_grad[2] else None
         grad_bias = grad_2d.sum(0) if ctx.needs_input_grad[3] else None
-        if any(needs):
-            torch.autograd.backward(x, grad_2d.mm(weight).view(x.shape))
+        wanted = [leaf for leaf, need in zip(leaves, needs) if leaf is not None and need]
+        grads = iter(torch.autograd.grad(x, wanted, grad_2d.mm(weight).view(x.shape), allow_unused=True)
+                     if wanted else ())
         return (None, None, grad_weight, grad_bias,
-                *(leaf.grad if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
+                *(next(grads) if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
 
 
 class RecomputedInputLinear(nn.Linear):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_mega.model.block import compile_blocks, set_selective_recompute
+from megatron_mega.model.gated_attention import MegaMovingAverageGatedAttention
 from megatron_mega.training import checkpointing
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 from megatron_mega.training.distributed import DistContext
@@ -348,6 +349,13 @@ class Trainer:
         inputs, labels = split_batch(batch, self.config.objective)
         return engine(inputs.to(engine.device), labels.to(engine.device))
 
+    def _replays_attention(self, module) -> bool:
+        """Whether backward replays the attention's query-key product (selective recomputation, eager blocks), for
+        the FLOP count."""
+        layers = [m for m in module.modules() if isinstance(m, MegaMovingAverageGatedAttention)]
+        return (bool(layers) and layers[0].recompute and not self.config.parallel.compile_blocks
+                and layers[0].attention.worth_recomputing(self._device()))
+
     def _device(self):
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -509,13 +517,14 @@ class Trainer:
             return self._save_step0(engine, sampler, tokenizer_sha, result)
         writer = MetricsWriter(ctx.is_main, cfg.logging.tensorboard_dir, print_fn=self._print)
         seq = cfg.data.seq_len
+        engine.train()
         flops_step = train_flops(cfg.model, lay.global_batch_size, seq,
                                  predicted_tokens=None if cfg.objective == "causal" else
                                  int(lay.global_batch_size * seq * cfg.data.mlm.mask_prob),
-                                 activation_checkpointing=cfg.parallel.activation_checkpointing)
+                                 activation_checkpointing=cfg.parallel.activation_checkpointing,
+                                 selective_recompute=self._replays_attention(engine.module))
         peak = peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops)
         self.stop.install()
-        engine.train()
         window_start, window_steps, rates = time.perf_counter(), 0, []
         window_wait, waited, timed = it.wait_s, 0.0, 0.0
         try:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from megatron_mega.model import dropout as dropout_module
 from megatron_mega.model import gated_attention, gates, recomputed_linear
+from megatron_mega.model.attention import ChunkedAttention
 from megatron_mega.model.block import MegaBlock, set_selective_recompute
 from megatron_mega.model.gates import gate_values_plain
 from megatron_mega.model.recomputed_linear import RecomputedInputLinear
@@ -89,6 +90,7 @@ def _perturbed_block(config) -> MegaBlock:
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_block_recomputation_is_bit_identical_and_keeps_less(monkeypatch, autocast, chunked):
+    monkeypatch.setattr(ChunkedAttention, "replay_off_cuda", True)  # the attention's replay, as on CUDA
     config = tiny_config(decoder=True, dropout_prob=0.1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
                          nffn_activation_dropout_prob=0.1, use_chunking=chunked, chunk_size=8,
                          relative_positional_bias="rotary")
@@ -134,6 +136,49 @@ def test_block_recomputation_is_bit_identical_and_keeps_less(monkeypatch, autoca
     half = 2 if autocast else 4
     per_token = 2 * half * d + half * z + 4 * d + 2 * half * v + half * f + 2 * half * z + half * v + 2 * half * config.chunk_size - 1
     assert saved[1] - saved[0] == batch * (lengths[1] - lengths[0]) * per_token
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(chunk_size=8, use_chunking=True, decoder=True, attention_activation="laplace"),  # 20 = 2 chunks + a tail
+    dict(use_chunking=False, attention_activation="relu2", relative_positional_bias="simple"),  # encoder
+    dict(use_chunking=False, dropout_prob=0.3, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3),  # bool masks
+    dict(chunk_size=8, use_chunking=True, decoder=True, normalize_before_mega=False, normalize_before_ffn=False),
+], ids=["laplace-decoder-tail", "relu2-encoder", "p0.3-encoder", "post-norm"])
+@pytest.mark.parametrize("replay", [True, False], ids=["replayed", "kept"])
+def test_recomputation_equals_keeping_across_configs(monkeypatch, overrides, replay):
+    monkeypatch.setattr(ChunkedAttention, "replay_off_cuda", replay)
+    dropouts = dict(dropout_prob=0.1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                    nffn_activation_dropout_prob=0.1)
+    block = _perturbed_block(tiny_config(**{**dropouts, **overrides}))
+    x = torch.randn(2, 20, block.mega_layer.hidden_size, requires_grad=True)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, -6:] = False  # right padding
+
+    def run():
+        torch.manual_seed(1)
+        out = block(x, mask)[0]
+        return out, torch.autograd.grad(out, [x, *block.parameters()], torch.ones_like(out))
+
+    out, grads = run()
+    set_selective_recompute(block, False)
+    ref_out, ref_grads = run()
+    assert torch.equal(out, ref_out)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_a_region_inside_a_replay_computes_its_value():
+    # a region entered while another is replayed: its own `product` is read, so it must be computed
+    from megatron_mega.model.recompute import product, recomputed
+
+    u = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    out = recomputed(lambda a, b: torch.tanh(recomputed(lambda c, d: product(c, d), a, b)) * 2, u, v)
+    torch.testing.assert_close(out, torch.tanh(u @ v) * 2)
+    grads = torch.autograd.grad(out.sum(), (u, v))
+    ref = torch.autograd.grad((torch.tanh(u @ v) * 2).sum(), (u, v))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_feature_dropout_and_no_grad_take_the_plain_path():
