@@ -21,6 +21,10 @@ from megatron_mega.model.recompute import recomputed, recomputing
 from megatron_mega.model.recomputed_linear import RecomputedInputLinear
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,
                   batch: int, device) -> Optional[torch.Tensor]:
     if past is None and new is None:
@@ -51,7 +55,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
         self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, is_featurewise=config.use_feature_dropout)
         self.norm = MegaSequenceNorm(config.normalization_type, config.hidden_size, affine=config.norm_affine)
         self.ema_gate = MegaMultiDimensionDampedEma(config)
-        self.v_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.v_proj = RecomputedInputLinear(config.hidden_size, config.intermediate_size)
         self.mx_proj = RecomputedInputLinear(config.hidden_size, self.z_size + self.v_size + 2 * config.hidden_size)
         self.h_proj = RecomputedInputLinear(config.intermediate_size, config.hidden_size)
         self.qk_weight = nn.Parameter(torch.empty(2, self.z_size))
@@ -72,7 +76,9 @@ class MegaMovingAverageGatedAttention(nn.Module):
         batch, length, _ = x.shape
         residual = x
         h = self.norm(x) if self.normalize_before else x
-        value = self.v_proj(h)  # (B, L, v), activated and dropped below
+        # (B, L, v), activated and dropped below; under autocast v_proj keeps h (kept anyway: the EMA's input), not
+        # its bfloat16 copy
+        value = self.v_proj(h, prologue=_same)
         # a training pass recomputes parts in backward (model/recompute.py, model/recomputed_linear.py): the
         # activated, dropped tensors, the attention's scores and weights are not kept, only what they come from;
         # dropout masks are drawn ahead for that
