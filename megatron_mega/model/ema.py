@@ -29,6 +29,7 @@ from torch import nn
 
 from megatron_mega.model.derived import DerivedTensors
 from megatron_mega.model.fft_conv import fft_convolution, fft_convolution_built
+from megatron_mega.model.recompute import recomputing
 
 
 def _fft_size(n: int) -> int:
@@ -147,7 +148,7 @@ class MegaMultiDimensionDampedEma(nn.Module):
         n = _fft_size(length + k_len - 1)
         build = functools.partial(self._circular_kernel, k_len, n, u.dtype)
         params = self.kernel_parameters()
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if recomputing():
             # the kernel is (D, K) floats, or (D, n) bidirectional, as many bytes as an activation: backward builds it
             # again from the parameters (a small matrix product) rather than keep it
             return fft_convolution_built(u, build, params, n)

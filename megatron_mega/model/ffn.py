@@ -8,6 +8,7 @@ from torch import nn
 from megatron_mega.model.activations import get_activation
 from megatron_mega.model.dropout import MegaDropout
 from megatron_mega.model.norms import MegaSequenceNorm
+from megatron_mega.model.recompute import recomputing
 from megatron_mega.model.recomputed_linear import RecomputedInputLinear
 
 
@@ -28,8 +29,7 @@ class MegaNormalizedFeedForwardNetwork(nn.Module):
         if self.prenorm:
             x = self.norm(x)
         hidden = self.fc1(x)
-        if (self.fc2.recompute and self.hidden_dropout.maskable and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if self.fc2.recompute and self.hidden_dropout.maskable and recomputing():
             # fc2 keeps fc1's output and the drops for backward, not the activated and dropped copy it reads
             # (model/recomputed_linear.py)
             projected = self.fc2(hidden, self.hidden_dropout.mask_for(hidden), prologue=self._activate_and_drop)

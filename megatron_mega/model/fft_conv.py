@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from megatron_mega.model.recompute import autocast_state, leaf_grads, replay
+
 
 def _spectrum(x: torch.Tensor, n: int) -> torch.Tensor:
     """rfft over time of x (B, L, D), zero-padded to n: (B, D, n//2 + 1)."""
@@ -91,29 +93,19 @@ class _BuiltFFTConvolution(torch.autograd.Function):
         _check_length(kernel, n)
         ctx.save_for_backward(u, *inputs)
         ctx.n, ctx.build = n, build
-        device = u.device.type
-        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        ctx.autocast = autocast_state(u.device.type)
         return _convolve(u, kernel, n)
 
     @staticmethod
     @once_differentiable  # backward differentiates the rebuilt kernel itself; a graph of that is not kept
     def backward(ctx, grad_y: torch.Tensor):
         u, *inputs = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[3:]
-        need_kernel = any(wanted)
-        # fresh leaves: the rebuilt graph reaches the inputs and stops there, its gradients come back to us
-        leaves = [x.detach().requires_grad_(w) for x, w in zip(inputs, wanted)]
-        # the autocast state of forward, not of wherever backward was called from: the same kernel, to the bit
-        device, autocast, autocast_dtype = ctx.autocast
-        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast), torch.set_grad_enabled(need_kernel):
-            kernel = ctx.build(*leaves)
+        need_kernel = any(ctx.needs_input_grad[3:])
+        # the kernel again, from fresh leaves of its inputs under forward's autocast state: the same kernel, to
+        # the bit, whose graph reaches the inputs and stops there
+        kernel, leaves = replay(ctx.build, inputs, ctx.needs_input_grad[3:], ctx.autocast)
         grad_u, grad_kernel = _grads(grad_y, u, kernel.detach(), ctx.n, ctx.needs_input_grad[0], need_kernel)
-        grad_inputs = [None] * len(inputs)
-        if need_kernel:
-            targets = [x for x in leaves if x.requires_grad]
-            found = iter(torch.autograd.grad(kernel, targets, grad_kernel, allow_unused=True))
-            grad_inputs = [next(found) if x.requires_grad else None for x in leaves]
-        return grad_u, None, None, *grad_inputs
+        return grad_u, None, None, *leaf_grads(kernel, leaves, grad_kernel)
 
 
 def fft_convolution(u: torch.Tensor, kernel: torch.Tensor, n: int | None = None) -> torch.Tensor:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_mega.model.recompute import recomputing
+
 _silu_backward = torch.ops.aten.silu_backward
 _sigmoid_backward = torch.ops.aten.sigmoid_backward
 
@@ -76,16 +78,11 @@ class _GatedResidual(torch.autograd.Function):
         return grad_residual, grad_gate, grad_out_term.to(out.dtype)
 
 
-def _traced_or_untracked() -> bool:
-    return not torch.is_grad_enabled() or torch.compiler.is_compiling()
-
-
 def query_key(gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(query, key) = silu(gate) * weight[i] + bias[i]; gate (..., z), weight and bias (2, z)."""
-    return query_key_plain(gate, weight, bias) if _traced_or_untracked() else _QueryKey.apply(gate, weight, bias)
+    return _QueryKey.apply(gate, weight, bias) if recomputing() else query_key_plain(gate, weight, bias)
 
 
 def gated_residual(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """residual + sigmoid(gate) * (out - residual)."""
-    return gated_residual_plain(residual, gate, out) if _traced_or_untracked() else _GatedResidual.apply(
-        residual, gate, out)
+    return _GatedResidual.apply(residual, gate, out) if recomputing() else gated_residual_plain(residual, gate, out)

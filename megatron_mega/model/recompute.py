@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -57,6 +57,33 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _UnreadProduct.apply(a, b)
 
 
+# ---------------------------------------------------------------------------------------------- replaying in backward
+# shared by the autograd functions that rebuild something in backward from what they kept: the regions here,
+# model/recomputed_linear.py's input, model/fft_conv.py's kernel
+
+def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """The autocast state forward ran under, for `replay`: backward runs outside it, or under whatever autocast
+    region it was called from."""
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def replay(fn: Callable, inputs: Sequence[Optional[torch.Tensor]], needs: Sequence[bool], autocast: tuple):
+    """fn run again on fresh leaves of `inputs` (requiring grad where `needs` says), with autograd on when any does
+    and under forward's autocast state, so that it gives forward's values to the bit. Returns (result, leaves)."""
+    leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
+    device, enabled, dtype = autocast
+    with torch.set_grad_enabled(any(needs)), torch.autocast(device, dtype=dtype, enabled=enabled):
+        return fn(*leaves), leaves
+
+
+def leaf_grads(out: torch.Tensor, leaves: Sequence[Optional[torch.Tensor]], grad: torch.Tensor) -> list:
+    """The gradient of each of `replay`'s leaves that requires one (None for the others), given out's gradient.
+    autograd.grad, not backward: only the leaves get gradients, never a tensor the replayed function closes over."""
+    wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+    found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+    return [next(found) if leaf is not None and leaf.requires_grad else None for leaf in leaves]
+
+
 class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn: Callable, autocast: tuple, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
@@ -68,17 +95,9 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
-            device, enabled, dtype = ctx.autocast
-            with _replaying(True), torch.autocast(device, dtype=dtype, enabled=enabled):
-                out = ctx.fn(*leaves)
-        wanted = [leaf for leaf, need in zip(leaves, needs) if leaf is not None and need]
-        # autograd.grad, not backward: only the leaves get gradients, never a tensor fn might close over
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
-        return (None, None, *(next(grads) if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
+        with _replaying(True):
+            out, leaves = replay(ctx.fn, ctx.saved_tensors, ctx.needs_input_grad[2:], ctx.autocast)
+        return None, None, *leaf_grads(out, leaves, grad)
 
 
 @contextlib.contextmanager
@@ -92,8 +111,9 @@ def _replaying(active: bool):
 
 
 def recomputing() -> bool:
-    """Whether `recomputed` would recompute here (autograd on, not being traced by torch.compile); callers that
-    pre-draw dropout masks for a region check this first and keep their plain path otherwise."""
+    """Whether backward could recompute here (autograd on, not being traced by torch.compile): `recomputed` and
+    every other rebuild-in-backward of the model (gates, recomputed linears, the EMA's kernel) run their plain
+    expression otherwise; callers that pre-draw dropout masks for a region check this first."""
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
@@ -102,5 +122,4 @@ def recomputed(fn: Callable[..., torch.Tensor], *inputs: Optional[torch.Tensor])
     if not recomputing():
         return fn(*inputs)
     device = next(t for t in inputs if t is not None).device.type
-    autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-    return _Recomputed.apply(fn, autocast, *inputs)
+    return _Recomputed.apply(fn, autocast_state(device), *inputs)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from megatron_mega.model.recompute import autocast_state, leaf_grads, recomputing, replay
+
 
 class _RecomputedInputLinear(torch.autograd.Function):
     @staticmethod
@@ -39,23 +41,15 @@ class _RecomputedInputLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         weight, *inputs = ctx.saved_tensors
-        needs = ctx.needs_input_grad[4:]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(inputs, needs)]
-            device, enabled, dtype = ctx.autocast
-            with torch.autocast(device, dtype=dtype, enabled=enabled):
-                x = ctx.prologue(*leaves)
-            x = x.to(weight.dtype)
+        x, leaves = replay(lambda *xs: ctx.prologue(*xs).to(weight.dtype), inputs, ctx.needs_input_grad[4:],
+                           ctx.autocast)
         grad_2d = grad.reshape(-1, grad.shape[-1])
         x_2d = x.detach().reshape(-1, x.shape[-1])
         # addmm's backward for linear(x) = addmm(bias, x, weight.t()): the same products, so the same bits
         grad_weight = grad_2d.t().mm(x_2d) if ctx.needs_input_grad[2] else None
         grad_bias = grad_2d.sum(0) if ctx.needs_input_grad[3] else None
-        wanted = [leaf for leaf, need in zip(leaves, needs) if leaf is not None and need]
-        grads = iter(torch.autograd.grad(x, wanted, grad_2d.mm(weight).view(x.shape), allow_unused=True)
-                     if wanted else ())
-        return (None, None, grad_weight, grad_bias,
-                *(next(grads) if leaf is not None and need else None for leaf, need in zip(leaves, needs)))
+        grad_x = grad_2d.mm(weight).view(x.shape) if any(ctx.needs_input_grad[4:]) else None
+        return None, None, grad_weight, grad_bias, *leaf_grads(x, leaves, grad_x)
 
 
 class RecomputedInputLinear(nn.Linear):
@@ -69,11 +63,10 @@ class RecomputedInputLinear(nn.Linear):
         if prologue is None:
             (x,) = inputs
             return F.linear(x, self.weight, self.bias)
-        if not self.recompute or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not self.recompute or not recomputing():
             return F.linear(prologue(*inputs), self.weight, self.bias)
-        device = self.weight.device.type
         weight, bias = self.weight, self.bias
-        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        autocast = autocast_state(self.weight.device.type)
         if autocast[1]:
             weight = weight.to(autocast[2])
             bias = None if bias is None else bias.to(autocast[2])
