@@ -18,10 +18,14 @@ from __future__ import annotations
 from megatron_mega.model.config import MegaConfig
 
 
+def _attention_span(config: MegaConfig, seq_len: int) -> int:
+    return min(config.chunk_size, seq_len) if config.use_chunking else seq_len
+
+
 def layer_flops_per_token(config: MegaConfig, seq_len: int) -> int:
     d, z, v = config.hidden_size, config.shared_representation_size, config.intermediate_size
     n, f = config.ema_projection_size, config.nffn_hidden_size
-    span = min(config.chunk_size, seq_len) if config.use_chunking else seq_len
+    span = _attention_span(config, seq_len)
     flops = 2 * d * v + 2 * d * (z + v + 2 * d) + 2 * v * d + 6 * d * n + 2 * span * z + 2 * span * v
     if config.use_normalized_ffn:
         flops += 4 * d * f
@@ -50,6 +54,6 @@ def train_flops(config: MegaConfig, batch: int, seq_len: int, predicted_tokens: 
     if activation_checkpointing:
         total += batch * seq_len * config.num_hidden_layers * layer_flops_per_token(config, seq_len)
     if selective_recompute:
-        span = min(config.chunk_size, seq_len) if config.use_chunking else seq_len
+        span = _attention_span(config, seq_len)
         total += batch * seq_len * config.num_hidden_layers * 2 * span * config.shared_representation_size
     return total
