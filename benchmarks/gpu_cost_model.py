@@ -6,7 +6,7 @@ step (forward, loss, backward) of the 241M GPU anchor (benchmarks/gpu_bench.py's
 transformers' MEGA) on fake tensors (torch's FakeTensorMode: shapes, dtypes and strides, no data, no arithmetic),
 with bf16 autocast as gpu_bench runs it, and records every ATen operation the step dispatches. The CUDA paths of
 our model are taken where they differ from the CPU's: plain-matmul softmax attention, the attention replay of
-selective recomputation, bool dropout masks drawn by bernoulli_. Each operation is then priced as one kernel:
+selective recomputation, bool dropout masks drawn by bernoulli_, the LM loss over the whole vocabulary at once. Each operation is then priced as one kernel:
 
     time = max(flops / matmul rate, bytes / memory rate) + launch,   bytes = what it reads + what it writes
 
@@ -217,20 +217,22 @@ def cuda_paths():
     """Our model's CUDA choices, taken on these CPU fake tensors (see each function's docstring); undone on exit."""
     import megatron_mega.model.attention as attention
     import megatron_mega.model.dropout as dropout
+    import megatron_mega.model.lm_loss as lm_loss
 
     def cuda_drop_mask(shape, p, device=None):
         return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p)
 
     saved = (dropout.drop_mask, attention.drop_mask, attention.fused_softmax_attention,
-             attention.ChunkedAttention.replay_off_cuda)
+             attention.ChunkedAttention.replay_off_cuda, lm_loss.whole_vocabulary)
     dropout.drop_mask = attention.drop_mask = cuda_drop_mask
     attention.fused_softmax_attention = lambda q: False
     attention.ChunkedAttention.replay_off_cuda = True
+    lm_loss.whole_vocabulary = lambda device: True
     try:
         yield
     finally:
         (dropout.drop_mask, attention.drop_mask, attention.fused_softmax_attention,
-         attention.ChunkedAttention.replay_off_cuda) = saved
+         attention.ChunkedAttention.replay_off_cuda, lm_loss.whole_vocabulary) = saved
 
 
 def build(impl: str, layers: int, case: Case, keep: bool):

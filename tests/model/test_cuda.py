@@ -177,6 +177,25 @@ def test_cuda_linear_cross_entropy_matches_torch():
     assert _rel(grads[0], hidden.grad) < 1e-4 and _rel(grads[1], weight.grad) < 1e-4
 
 
+def test_cuda_linear_cross_entropy_under_bf16_autocast_matches_autocast_torch():
+    """The whole-vocabulary path (model/lm_loss.py) as the GPU trains: bf16 autocast, a bias, several chunks."""
+    torch.manual_seed(0)
+    hidden = torch.randn(5000, 64, device=CUDA, requires_grad=True)
+    weight = (0.3 * torch.randn(20000, 64, device=CUDA)).requires_grad_()
+    bias = (0.1 * torch.randn(20000, device=CUDA)).requires_grad_()
+    targets = torch.randint(0, 20000, (5000,), device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, bias, targets)
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight, bias).float(),
+                                                     targets)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight, bias))
+    assert _rel(loss, expected) < 1e-5
+    for got, want in zip(grads, expected_grads):
+        assert _rel(got, want) < 2e-2
+
+
 # transformers is defective for chunked lengths that are not a multiple of the chunk (its defects 2, 3) and gives
 # NaN under left padding in a decoder; these rows stay clear of both
 HF_ROWS = [

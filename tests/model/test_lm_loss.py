@@ -9,8 +9,12 @@ from megatron_mega.model import lm_loss
 from tests.helpers import tiny_config, token_ids
 
 
-def test_equals_cross_entropy_of_the_logits_in_value_and_gradient(monkeypatch):
-    monkeypatch.setattr(lm_loss, "_CHUNK_ELEMENTS", 50 * 7)  # several chunks, the last one short
+@pytest.mark.parametrize("whole", [False, True], ids=["cpu-blocks", "whole-vocabulary"])
+def test_equals_cross_entropy_of_the_logits_in_value_and_gradient(monkeypatch, whole):
+    # several chunks, the last one short; the accelerator's whole-vocabulary path forced on the CPU
+    monkeypatch.setattr(lm_loss, "_CHUNK_ELEMENTS", 50 * 7)
+    monkeypatch.setattr(lm_loss, "_WIDE_CHUNK_ELEMENTS", 50 * 7)
+    monkeypatch.setattr(lm_loss, "whole_vocabulary", lambda device: whole)
     hidden = torch.randn(3, 9, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(50, dtype=torch.float64, requires_grad=True)
@@ -25,6 +29,45 @@ def test_equals_cross_entropy_of_the_logits_in_value_and_gradient(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda h, w, b: lm_loss.linear_cross_entropy(h, w, b, targets),
                                     (rows.detach().requires_grad_(), weight, bias))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_whole_vocabulary_under_autocast_matches_autocast_cross_entropy_in_few_passes(monkeypatch, with_bias):
+    """The accelerator's path under bf16 autocast: the loss of autocast's bf16 logits to float32 precision, the
+    gradients to bf16's; and few operations over the (rows x vocab) logits (each one a pass over them in eager
+    PyTorch): the product, the cast and log-softmax, gather, softmax, the two products that read it, the bias's
+    sum."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(lm_loss, "whole_vocabulary", lambda device: True)
+    monkeypatch.setattr(lm_loss, "_WIDE_CHUNK_ELEMENTS", 300 * 40)  # 2 chunks of 40 rows
+    torch.manual_seed(0)
+    rows, vocab, dim = 80, 300, 32
+    hidden = torch.randn(rows, dim, requires_grad=True)
+    weight = (0.2 * torch.randn(vocab, dim)).requires_grad_()
+    bias = (0.1 * torch.randn(vocab)).requires_grad_() if with_bias else None
+    targets = torch.randint(0, vocab, (rows,))
+    params = (hidden, weight) + ((bias,) if with_bias else ())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(hidden, weight, bias).float(), targets)
+    ref_grads = torch.autograd.grad(ref, params)
+
+    passes = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (*args, out) if isinstance(t, torch.Tensor)]
+            if not func.is_view and any(t.numel() == 40 * vocab for t in tensors):
+                passes.append(str(func))
+            return out
+
+    with Count(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lm_loss.linear_cross_entropy(hidden, weight, bias, targets)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+    for got, want in zip(torch.autograd.grad(out, params), ref_grads):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    assert len(passes) == 2 * (8 if with_bias else 7), passes
 
 
 def test_no_label_gives_nan_like_cross_entropy():
