@@ -83,17 +83,18 @@ class ChunkedAttention(nn.Module):
         tail = (-total) % chunk
         # queries are front-padded by the cached positions so that chunk boundaries fall where they did in the full
         # sequence; those dummy rows are dropped afterwards
-        query = F.pad(query, (0, 0, past, tail))
-        key = F.pad(key, (0, 0, 0, tail))
-        value = F.pad(value, (0, 0, 0, tail))
+        if past or tail:  # F.pad copies even when it adds nothing
+            query = F.pad(query, (0, 0, past, tail))
         if tail:
+            key = F.pad(key, (0, 0, 0, tail))
+            value = F.pad(value, (0, 0, 0, tail))
             if key_mask is None:
                 key_mask = torch.ones(batch, total, dtype=torch.bool, device=key.device)
             key_mask = F.pad(key_mask, (0, tail), value=False)
         chunks = (total + tail) // chunk
         out, weights = self._attend(
-            query.view(batch, chunks, chunk, -1), key.view(batch, chunks, chunk, -1),
-            value.view(batch, chunks, chunk, -1),
+            query.reshape(batch, chunks, chunk, -1), key.reshape(batch, chunks, chunk, -1),
+            value.reshape(batch, chunks, chunk, -1),
             None if key_mask is None else key_mask.view(batch, chunks, chunk), relative_bias, query_offset=0,
             output_attentions=output_attentions, weight_drops=weight_drops)
         out = out.reshape(batch, chunks * chunk, -1)[:, past:past + length]
