@@ -24,6 +24,14 @@ transformers, at the same constants. Check its constants against a GPU's measure
     .venv/bin/python benchmarks/gpu_cost_model.py --impl gpt
     .venv-hf/bin/python benchmarks/gpu_cost_model.py --impl hf             # transformers 4.57.6's MEGA
     .venv/bin/python benchmarks/gpu_cost_model.py --keep --top 40          # selective recomputation off
+    .venv/bin/python benchmarks/gpu_cost_model.py --by-line                # a layer's cost by source line
+    .venv/bin/python benchmarks/gpu_cost_model.py --memory --batch 1 --seq 16384   # the step's peak memory
+
+`--memory` follows the bytes of live tensors through the whole model's step instead. Against H200 measurements
+(performance-anchors.md and the 2026-11-28 GPU run) it came out 0-12% high: GPT+SDPA at 1x16384 16.3 GiB
+(measured 16.5), transformers 64.8 (60.1) and, at 4x4096, 43.8 (39.0); our code of that run 36.9 (33.4). Its
+speed estimates came out high by a factor: GPT+SDPA 270k tokens/s (measured 187k: 0.69), transformers 92k (74k:
+0.81).
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import argparse
 import contextlib
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
+from typing import Iterable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -152,6 +162,42 @@ def _read_bytes(t: torch.Tensor) -> int:
     return min(t.numel() * t.element_size(), stored)
 
 
+class LiveBytes:
+    """The bytes of device memory the step's tensors hold, followed through the step: a storage counts from the
+    operation that makes it until the last tensor on it is freed (weakref finalizers on the fake tensors). Its
+    peak is what torch.cuda.max_memory_allocated would report for the same step, less the allocator's rounding
+    and the libraries' workspaces (cuBLAS, cuFFT), plus `base`: what exists before the step (weights)."""
+
+    def __init__(self, base: int = 0, exclude: Iterable[torch.Tensor] = ()):
+        self.current = self.peak = base
+        self.after = 0  # what the step leaves held (weights, gradients), set by tally_step
+        self.peak_phase = self.peak_line = ""
+        self.phase = "forward"
+        self.live: dict[int, list[int]] = {}  # storage address -> [tensors on it, bytes]
+        self.exclude = {t.untyped_storage()._cdata for t in exclude}
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.exclude:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [0, storage.nbytes()]
+            self.current += entry[1]
+            if self.current > self.peak:
+                self.peak, self.peak_phase, self.peak_line = self.current, self.phase, _source_line()
+        entry[0] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self.live[key]
+
+
 class _Record(TorchDispatchMode):
     """Records every operation in `tally`. Small tensors made from Python numbers (torch.tensor([...]), which
     transformers' MEGA uses for its shapes) are followed with their real values, so that reading them back gives
@@ -159,9 +205,10 @@ class _Record(TorchDispatchMode):
 
     _SMALL = 64
 
-    def __init__(self, tally: Tally):
+    def __init__(self, tally: Tally, memory: Optional[LiveBytes] = None):
         super().__init__()
         self.tally = tally
+        self.memory = memory
         self.known: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(fake) -> (fake, its real value)
 
     def _real(self, t):
@@ -209,6 +256,10 @@ class _Record(TorchDispatchMode):
         out = func(*args, **kwargs)
         self._follow(func, args, kwargs, out)
         self.tally.add(func, args, kwargs, out)
+        if self.memory is not None:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.memory.track(t)
         return out
 
 
@@ -253,20 +304,27 @@ def build(impl: str, layers: int, case: Case, keep: bool):
                      ffn=4 * ANCHOR["hidden_size"])
 
 
-def tally_step(impl: str, layers: int, case: Case, rates: Rates, keep: bool = False, by_line: bool = False
-               ) -> Tally:
+def tally_step(impl: str, layers: int, case: Case, rates: Rates, keep: bool = False, by_line: bool = False,
+               memory: bool = False) -> tuple[Tally, Optional[LiveBytes]]:
+    """The operations of one training step (and, with `memory`, the bytes its tensors hold, followed through it)."""
     tally = Tally(rates, by_line=by_line)
     torch.manual_seed(0)
     with FakeTensorMode(allow_non_fake_inputs=True), cuda_paths() if impl == "ours" else contextlib.nullcontext():
         model = build(impl, layers, case, keep).train()
         ids = torch.randint(3, 32000, (case.batch, case.seq))
-        with _Record(tally):
+        existing = list(model.parameters()) + list(model.buffers()) + [ids]
+        live = LiveBytes(sum(t.untyped_storage().nbytes() for t in existing), existing) if memory else None
+        with _Record(tally, live):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(input_ids=ids, labels=ids)
             loss = out if isinstance(out, torch.Tensor) else out.loss
             tally.phase = "backward"
+            if live is not None:
+                live.phase = "backward"
             loss.backward()
-    return tally
+            if live is not None:
+                live.after = live.current
+    return tally, live
 
 
 def per_layer(one: Tally, two: Tally) -> dict:
@@ -293,6 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="ours: selective recomputation off")
     p.add_argument("--top", type=int, default=25, help="the N costliest operations of a layer")
     p.add_argument("--by-line", action="store_true", help="group a layer's operations by the source line issuing them")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: the peak bytes of live tensors over the whole model's step (torch.cuda."
+                        "max_memory_allocated's counterpart), e.g. --batch 1 --seq 16384")
     p.add_argument("--matmul-tflops", type=float, default=Rates.matmul_tflops)
     p.add_argument("--bandwidth-tbs", type=float, default=Rates.bandwidth_tbs)
     p.add_argument("--launch-us", type=float, default=Rates.launch_us)
@@ -302,8 +363,15 @@ def main(argv=None) -> int:
 
     rates = Rates(matmul_tflops=args.matmul_tflops, bandwidth_tbs=args.bandwidth_tbs, launch_us=args.launch_us)
     case = Case(args.impl, args.batch, args.seq, args.chunk)
-    one = tally_step(args.impl, 1, case, rates, args.keep, args.by_line)
-    two = tally_step(args.impl, 2, case, rates, args.keep, args.by_line)
+    if args.memory:
+        _, live = tally_step(args.impl, args.layers, case, rates, args.keep, memory=True)
+        print(f"{args.impl} {args.batch}x{args.seq}" + (f" chunk {args.chunk}" if args.chunk else "")
+              + (" keep" if args.keep else "") + f", {args.layers} layers, bf16 autocast, one training step:")
+        print(f"  peak of live tensors {live.peak / 2 ** 30:.2f} GiB (in {live.peak_phase}, at {live.peak_line}; weights, buffers and "
+              f"inputs included, gradients as they are made), {live.after / 2 ** 30:.2f} GiB held after it")
+        return 0
+    one, _ = tally_step(args.impl, 1, case, rates, args.keep, args.by_line)
+    two, _ = tally_step(args.impl, 2, case, rates, args.keep, args.by_line)
     layer = per_layer(one, two)
     layer_s = sum(op.seconds for op in layer.values())
     rest_s = one.total("seconds") - layer_s
