@@ -25,9 +25,13 @@ _sigmoid_backward = torch.ops.aten.sigmoid_backward
 
 
 def query_key_plain(gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    # one shared representation Z = silu(gate), two per-dimension affine maps to query and key
+    # one shared representation Z = silu(gate), two per-dimension affine maps to query and key. The affine maps
+    # run in Z's dtype: under autocast Z is bfloat16 and float32 parameters would promote the (tokens x z) query and
+    # key to float32, which the attention's matmuls then cast back (four more passes, forward and backward); the
+    # parameters are cast instead, as autocast casts a Linear's weight.
+    weight, bias = weight.to(gate.dtype), bias.to(gate.dtype)
     shared = F.silu(gate)
-    return shared * weight[0] + bias[0], shared * weight[1] + bias[1]
+    return torch.addcmul(bias[0], shared, weight[0]), torch.addcmul(bias[1], shared, weight[1])
 
 
 def gate_values_plain(attended: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -49,12 +53,13 @@ class _QueryKey(torch.autograd.Function):
     def backward(ctx, grad_query, grad_key):
         gate, weight = ctx.saved_tensors
         shared = F.silu(gate)
+        cast = weight.to(gate.dtype)  # what forward multiplied by
         grad_shared = None
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(weight)
         for i, grad in enumerate((grad_query, grad_key)):
             if grad is None:
                 continue
-            part = (grad * weight[i]).to(shared.dtype)
+            part = grad * cast[i]
             grad_shared = part if grad_shared is None else grad_shared + part
             grad_weight[i] = (grad * shared).sum_to_size(weight[i].shape)
             grad_bias[i] = grad.sum_to_size(weight[i].shape)
