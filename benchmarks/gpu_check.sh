@@ -6,6 +6,8 @@
 #   4. exact resume on the GPU path (benchmarks/resume_check.py)
 #   (profile: the top CUDA kernels of one step at 4x4096 chunk 1024)
 #   5. cached decoding latency at 1k / 8k / 64k context (benchmarks/decode_bench.py)
+#   (estimate: benchmarks/gpu_cost_model.py's CPU-side estimates of the same steps, run in the background while the
+#   tests run, to check its constants against the bench's measurements: estimate.log)
 # Packages the machine lacks travel as wheels in .whl/ (gitignored; fetch them with `bash benchmarks/gpu_check.sh
 # --fetch-wheels` on a machine with PyPI): transformers 4.57.6 and its pins, DeepSpeed and its pydantic.
 # Logs and JSON go to $OUT (the device tool's folder) or benchmarks/results/gpu. Each part has its own time limit,
@@ -38,7 +40,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
     export PYTHONPATH=$ROOT
 fi
-PARTS=${PARTS:-"tests bench profile quickstart resume decode"}
+PARTS=${PARTS:-"estimate tests bench profile quickstart resume decode"}
 status=0
 started=$SECONDS
 
@@ -62,8 +64,15 @@ for name in ("transformers", "deepspeed", "sentencepiece", "safetensors"):
         print(name, "missing:", err)
 EOF
 
+estimates() {  # CPU only: fake tensors at the GPU shapes, no GPU time
+    python3 benchmarks/gpu_cost_model.py --top 10 && python3 benchmarks/gpu_cost_model.py --impl gpt --top 0 &&
+        python3 benchmarks/gpu_cost_model.py --memory --batch 1 --seq 16384 &&
+        python3 benchmarks/gpu_cost_model.py --memory --batch 4 --seq 4096
+}
+
 for p in $PARTS; do
     case $p in
+    estimate) export -f estimates; part estimate 150 bash -c estimates > /dev/null 2>&1 & ;;
     tests) part tests 150 python3 -m pytest -q -p no:cacheprovider tests/model/test_cuda.py ;;
     bench) part bench 270 python3 benchmarks/gpu_bench.py --budget-s 250 --json "$OUT/gpu_bench.json" ${BENCH_ARGS:-} ;;
     profile) part profile 90 python3 benchmarks/gpu_bench.py --worker --impl ours --batch 4 --seq 4096 --chunk 1024 \
@@ -77,5 +86,7 @@ for p in $PARTS; do
     *) echo "unknown part $p"; status=1 ;;
     esac
 done
+wait  # the background estimates
+[ -f "$OUT/estimate.log" ] && { echo; echo "=== estimates (benchmarks/gpu_cost_model.py)"; cat "$OUT/estimate.log"; }
 echo; echo "gpu_check: $([ $status = 0 ] && echo all parts passed || echo some part failed) in $((SECONDS - started))s"
 exit $status

@@ -391,6 +391,8 @@ def main(argv=None) -> int:
     print(f"  a layer: {layer_s * 1e3:.2f} ms, of which matrix multiplies {matmul_s * 1e3:.2f} ms "
           f"({100 * matmul_s / layer_s:.0f}%), {sum(op.count for op in layer.values())} kernels, "
           f"{sum(op.bytes for op in layer.values()) / 2 ** 30:.2f} GiB moved")
+    if not args.top:
+        return 0
     print(f"\n  {'phase':<9} {'operation':<44} {'dtype':<9} {'kernels':>7} {'GFLOP':>8} {'MiB':>9} {'ms':>7} {'share':>6}")
     for op in sorted(layer.values(), key=lambda o: -o.seconds)[:args.top]:
         print(f"  {op.phase:<9} {op.name:<44} {op.dtype:<9} {op.count:>7} {op.flops / 1e9:>8.1f} "
