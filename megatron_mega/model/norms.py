@@ -68,11 +68,12 @@ class MegaScaleNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dim in (-1, x.dim() - 1):
             width = x.shape[-1]
-            if x.numel() <= _FEW_ROWS * width:
-                # a few rows (a decoding step), where each op's fixed cost is the time (a batch-1 GPU step is
-                # launch-bound): F.rms_norm is one op (one kernel on CUDA) against the function's six; it is no
-                # match on large inputs on the CPU, where it decomposes into passes with an x^2 temporary. Chosen
-                # by size alone, so that one input gives the same bits with and without autograd.
+            if x.is_cuda or x.numel() <= _FEW_ROWS * width:
+                # CUDA: F.rms_norm is one fused kernel forward and one backward (aten._fused_rms_norm, autocast's
+                # float32 list) against the function's two and three. The CPU, a few rows (a decoding step) only:
+                # each op's fixed cost is the time there, one op against six; on large inputs it decomposes into
+                # passes with an x^2 temporary. Chosen by device and size, not by autograd, so that one input gives
+                # the same bits with and without it.
                 weight = None if self.scalar is None else self.scalar.expand(width)
                 return F.rms_norm(x, (width,), weight, self.eps)
             return _ScaleNormFunction.apply(x, self.scalar, self.eps)
