@@ -25,6 +25,12 @@ def _same(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul under the current autocast state would read x in."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,
                   batch: int, device) -> Optional[torch.Tensor]:
     if past is None and new is None:
@@ -91,14 +97,16 @@ class MegaMovingAverageGatedAttention(nn.Module):
             value_drops = self.hidden_dropout.mask_for(value)
         else:
             value = self.hidden_dropout(self.activation(value))
+        ema_out, ema_state = self.ema_gate(
+            h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache, activate=False)
+        # the EMA computes in float32; mx_proj reads its output in the matmul dtype, so under autocast the cast comes
+        # first and the silu and dropout between them (and their backward) run on half the bytes
+        ema_out = ema_out.to(_matmul_dtype(ema_out))
         if recompute_output:
             # mx_proj keeps the EMA's output before its silu and the drops, not the activated, dropped copy it reads
-            ema_out, ema_state = self.ema_gate(h, mask, activate=False)
             base = self.mx_proj(ema_out, self.dropout.mask_for(ema_out), prologue=self._activate_and_drop_ema)
         else:
-            ema_out, ema_state = self.ema_gate(
-                h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache)
-            base = self.mx_proj(self.dropout(ema_out))
+            base = self.mx_proj(self.dropout(F.silu(ema_out)))
         # the gates stay pre-activation here: each is activated where it is used, by a function that keeps only
         # `base` (kept anyway) for backward, not the activated copy (model/gates.py)
         residual_gate, query_key_gate, attention_gate, intermediate = torch.split(
