@@ -84,6 +84,8 @@ class Kernel:
 
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+# fallbacks that only reinterpret a buffer (fft_conv's real form of complex products): no kernel, no bytes moved
+VIEWS = ("view_as_real", "view_as_complex")
 
 
 @dataclass
@@ -145,7 +147,9 @@ class _SchedulerTap:
                 continue  # no kernel
             if isinstance(node, s.ExternKernelSchedulerNode):
                 if not isinstance(node.node, ir.MultiOutput):  # MultiOutput: a tuple's element, no kernel
-                    self.kernels.append(self.extern(node))
+                    kernel = self.extern(node)
+                    if kernel.what.split(".")[0] not in VIEWS:
+                        self.kernels.append(kernel)
                 continue
             parts = node.get_outer_nodes() if hasattr(node, "get_outer_nodes") else [node]
             for part in parts:  # the CPU's outer-loop fusion, undone: one kernel per loop nest

@@ -48,6 +48,30 @@ def _spectrum(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.fft.rfft(torch.nn.functional.pad(x.transpose(1, 2), (0, n - x.shape[1])))
 
 
+def _spectral_product(a: torch.Tensor, b: torch.Tensor, conjugate: bool = False, batch_sum: bool = False
+                      ) -> torch.Tensor:
+    """a * b, or a * conj(b), of two spectra; with `batch_sum` summed over the first (batch) dimension. Traced by
+    torch.compile it takes the real form (`_real_form_product`): inductor generates no code for complex tensors,
+    so each complex op runs as its own kernel and conj(b) is first copied, where the real form fuses the product,
+    the conjugate and the sum into one kernel."""
+    if torch.compiler.is_compiling():
+        return _real_form_product(a, b, conjugate, batch_sum)
+    product = a * (b.conj() if conjugate else b)
+    return product.sum(0) if batch_sum else product
+
+
+def _real_form_product(a: torch.Tensor, b: torch.Tensor, conjugate: bool, batch_sum: bool) -> torch.Tensor:
+    a_re, a_im = torch.view_as_real(a).unbind(-1)
+    b_re, b_im = torch.view_as_real(b).unbind(-1)
+    if conjugate:  # (a_re + i a_im)(b_re - i b_im)
+        real, imag = a_re * b_re + a_im * b_im, a_im * b_re - a_re * b_im
+    else:
+        real, imag = a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re
+    if batch_sum:
+        real, imag = real.sum(0), imag.sum(0)
+    return torch.view_as_complex(torch.stack((real, imag), dim=-1))
+
+
 def _check_length(kernel: torch.Tensor, n: int) -> None:
     if n < kernel.shape[-1]:
         raise ValueError(f"FFT length {n} is shorter than the kernel ({kernel.shape[-1]})")
@@ -55,7 +79,8 @@ def _check_length(kernel: torch.Tensor, n: int) -> None:
 
 def _convolve(u: torch.Tensor, kernel: torch.Tensor, n: int) -> torch.Tensor:
     length = u.shape[1]
-    y = torch.fft.irfft(_spectrum(u, n) * torch.fft.rfft(kernel, n=n), n=n)[..., :length]  # (B, D, L)
+    spectrum = _spectral_product(_spectrum(u, n), torch.fft.rfft(kernel, n=n))
+    y = torch.fft.irfft(spectrum, n=n)[..., :length]  # (B, D, L)
     return y.transpose(1, 2)
 
 
@@ -63,10 +88,11 @@ def _grads(grad_y: torch.Tensor, u: torch.Tensor, kernel: torch.Tensor, n: int, 
     grad_f = _spectrum(grad_y, n)
     grad_u = grad_kernel = None
     if need_u:
-        grad_u = torch.fft.irfft(grad_f * torch.fft.rfft(kernel, n=n).conj(), n=n)
+        grad_u = torch.fft.irfft(_spectral_product(grad_f, torch.fft.rfft(kernel, n=n), conjugate=True), n=n)
         grad_u = grad_u[..., :u.shape[1]].transpose(1, 2)
     if need_kernel:
-        grad_kernel = torch.fft.irfft((grad_f * _spectrum(u, n).conj()).sum(0), n=n)[:, :kernel.shape[-1]]
+        spectrum = _spectral_product(grad_f, _spectrum(u, n), conjugate=True, batch_sum=True)
+        grad_kernel = torch.fft.irfft(spectrum, n=n)[:, :kernel.shape[-1]]
     return grad_u, grad_kernel
 
 

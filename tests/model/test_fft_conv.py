@@ -208,3 +208,15 @@ def test_ema_with_frozen_kernel_parameters_keeps_exactly_one_kernel_less(bidirec
         patch.setattr(ema, "_convolve", lambda u: kernel_kept(ema, u))
         old = layer_bytes()
     assert old - new == 32 * (_fft_size(127) if bidirectional else 64) * 4
+
+
+@pytest.mark.parametrize("conjugate", [False, True])
+@pytest.mark.parametrize("batch_sum", [False, True])
+def test_real_form_of_the_spectral_product_equals_the_complex_one(conjugate, batch_sum):
+    """What torch.compile traces (fft_conv._real_form_product) against the eager complex product."""
+    from megatron_mega.model.fft_conv import _real_form_product, _spectral_product
+
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 5, 17, dtype=torch.complex128), torch.randn(3, 5, 17, dtype=torch.complex128)
+    torch.testing.assert_close(_real_form_product(a, b, conjugate, batch_sum),
+                               _spectral_product(a, b, conjugate, batch_sum), rtol=1e-14, atol=1e-14)
