@@ -47,8 +47,8 @@ def compile_blocks(model: nn.Module) -> int:
 def set_selective_recompute(model: nn.Module, enabled: bool) -> int:
     """Whether the MEGA blocks of `model` recompute their cheap intermediates in backward (on by default): the
     attention's scores, weights and values, the activated and dropped inputs of mx_proj, h_proj and fc2, the gated
-    output (model/recompute.py, model/recomputed_linear.py). On: 39% less activation memory per token at the GPU
-    anchor (69.9 -> 42.9 KiB per token and layer, benchmarks/activation_memory.py) for one more query-key product
+    output (model/recompute.py, model/recomputed_linear.py). On: 40% less activation memory per token at the GPU
+    anchor (67.9 -> 40.9 KiB per token and layer, benchmarks/activation_memory.py) for one more query-key product
     and a few elementwise passes in backward (Megatron-LM's "selective" recomputation). The number of modules
     set."""
     modules = [m for m in model.modules() if isinstance(m, (MegaMovingAverageGatedAttention, RecomputedInputLinear))]

@@ -106,7 +106,7 @@ class ParallelConfig:
     zero_stage: int = 0
     activation_checkpointing: bool = False
     # each MEGA block recomputes its cheap intermediates in backward (attention scores and weights, activated and
-    # dropped projection inputs): 39% less activation memory at the GPU anchor for one more query-key product
+    # dropped projection inputs): 40% less activation memory at the GPU anchor for one more query-key product
     # (model/block.py's set_selective_recompute); off keeps them, as plain autograd would
     selective_recompute: bool = True
     # torch.compile each MEGA block (nn.Module.compile) before DeepSpeed wraps the model: one fused graph per block.
