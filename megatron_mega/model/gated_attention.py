@@ -17,18 +17,13 @@ from megatron_mega.model.gates import (gate_values_plain, gated_residual, gated_
                                        query_key_plain)
 from megatron_mega.model.norms import MegaSequenceNorm
 from megatron_mega.model.positional_bias import build_relative_positional_bias
+from megatron_mega.model.precision import matmul_dtype
 from megatron_mega.model.recompute import recomputed, recomputing
 from megatron_mega.model.recomputed_linear import RecomputedInputLinear
 
 
 def _same(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul under the current autocast state would read x in."""
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def _concat_masks(past: Optional[torch.Tensor], past_len: int, new: Optional[torch.Tensor], new_len: int,
@@ -101,7 +96,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
             h, mask, state=None if cache is None else cache.ema_state, return_state=use_cache, activate=False)
         # the EMA computes in float32; mx_proj reads its output in the matmul dtype, so under autocast the cast comes
         # first and the silu and dropout between them (and their backward) run on half the bytes
-        ema_out = ema_out.to(_matmul_dtype(ema_out))
+        ema_out = ema_out.to(matmul_dtype(ema_out))
         if recompute_output:
             # mx_proj keeps the EMA's output before its silu and the drops, not the activated, dropped copy it reads
             base = self.mx_proj(ema_out, self.dropout.mask_for(ema_out), prologue=self._activate_and_drop_ema)

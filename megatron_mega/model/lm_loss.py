@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from megatron_mega.model.precision import matmul_dtype
+
 # ~32M logits per chunk: 128 MB in float32, large enough to keep the matrix multiplies efficient
 _CHUNK_ELEMENTS = 1 << 25
 # ~2M logits per vocabulary block (8 MB in float32): a block's exp and its first matrix multiply run in cache
@@ -38,21 +40,28 @@ def whole_vocabulary(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _whole_vocabulary(h_mm, w_mm, b_mm, weight, targets, acc, want_hidden: bool, want_params: bool):
+def _whole_vocabulary(h_mm, w_mm, b_mm, targets, acc, want_hidden: bool, want_params: bool):
     """`_chunk_loss_and_grads` for one block spanning the vocabulary; h_mm, w_mm, b_mm: the rows, weight and bias in
-    the matmul dtype. Returns the summed loss and, as asked, (softmax @ W - W[targets]) and the weight and bias
-    gradients' softmax parts (softmax^T @ h, softmax summed over rows), all still to be divided by the row count."""
+    the matmul dtype. Returns the summed loss and, as asked, the gradients of the summed loss for the rows, the
+    weight and the bias ((softmax - onehot) @ W, (softmax - onehot)^T @ h, summed over rows), still to be divided by
+    the row count."""
     logits = torch.nn.functional.linear(h_mm, w_mm, b_mm)  # (n, vocab)
-    loss_sum = -torch.log_softmax(logits, dim=1, dtype=acc).gather(1, targets.unsqueeze(1)).sum()
+    target_log_probs = torch.log_softmax(logits, dim=1, dtype=acc).gather(1, targets.unsqueeze(1))  # (n, 1)
+    loss_sum = -target_log_probs.sum()
     grad_h = part_weight = part_bias = None
     if want_hidden or want_params:
-        probs = torch.softmax(logits, dim=1)  # in the matmul dtype, as autocast's backward would feed the matmuls
+        # softmax - onehot in the matmul dtype, as autocast's backward feeds the matmuls; the target entries,
+        # p - 1, from the float32 log-probabilities: rounding p first would cancel a confident prediction's
+        # gradient (p = 0.9998 is 1.0 in bfloat16)
+        grad = torch.softmax(logits, dim=1)
         del logits
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, targets] = torch.expm1(target_log_probs.squeeze(1)).to(grad.dtype)
         if want_hidden:
-            grad_h = (probs @ w_mm).to(acc).sub_(weight[targets].to(acc))
+            grad_h = (grad @ w_mm).to(acc)
         if want_params:
-            part_weight = probs.t() @ h_mm
-            part_bias = probs.sum(dim=0, dtype=acc) if b_mm is not None else None
+            part_weight = grad.t() @ h_mm
+            part_bias = grad.sum(dim=0, dtype=acc) if b_mm is not None else None
     return loss_sum, grad_h, part_weight, part_bias
 
 
@@ -118,20 +127,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         if whole:
             # the matmul operands cast once for all chunks, as autocast would cast them for F.linear; then autocast is
-            # off, so that it does not cast them again, nor the softmax's output, at every product
-            device_type = hidden.device.type
-            mm_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                        else torch.promote_types(hidden.dtype, weight.dtype))
+            # off, so that it does not cast them again, nor the gradient of the logits, at every product
+            mm_dtype = matmul_dtype(hidden, weight)
             h_mm, w_mm = hidden.to(mm_dtype), weight.to(mm_dtype)
             b_mm = None if bias is None else bias.to(mm_dtype)
-            autocast_off = torch.autocast(device_type, enabled=False)
+            autocast_off = torch.autocast(hidden.device.type, enabled=False)
         for start in range(0, rows, chunk):
             t = targets[start:start + chunk]
             if whole:
                 with autocast_off:
                     loss_sum, grad_h, part_weight, part_bias = _whole_vocabulary(
-                        h_mm[start:start + chunk], w_mm, b_mm, weight, t, acc, want_hidden, want_weight or want_bias)
-                # the softmax parts are not yet divided by the row count: that scale is applied where they are added
+                        h_mm[start:start + chunk], w_mm, b_mm, t, acc, want_hidden, want_weight or want_bias)
+                # the gradients are not yet divided by the row count: that scale is applied where they are added
                 weight_parts, scale = [(0, part_weight, part_bias)], 1.0 / rows
                 if grad_h is not None:
                     grad_h = grad_h.mul_(scale)
@@ -144,13 +151,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden[start:start + chunk] = grad_h.to(hidden.dtype)
             first = start == 0
             for v0, part_weight, part_bias in weight_parts:
-                # the first row chunk writes each block, later ones add to it: no zero-filled (vocab x H) start
-                if grad_weight is not None:
-                    block = grad_weight[v0:v0 + part_weight.shape[0]]
-                    torch.mul(part_weight, scale, out=block) if first else block.add_(part_weight, alpha=scale)
-                if grad_bias is not None:
-                    block = grad_bias[v0:v0 + part_bias.shape[0]]
-                    torch.mul(part_bias, scale, out=block) if first else block.add_(part_bias, alpha=scale)
+                # the first row chunk writes each block, later ones add to it: no zero-filled (vocab x H) start;
+                # scaled in the accumulator's precision, not in the (maybe bfloat16) part's
+                for grad, part in ((grad_weight, part_weight), (grad_bias, part_bias)):
+                    if grad is None:
+                        continue
+                    block = grad[v0:v0 + part.shape[0]]
+                    if first:
+                        block.copy_(part)
+                        if scale != 1.0:
+                            block.mul_(scale)
+                    else:
+                        block.add_(part, alpha=scale)
+            if whole:
+                continue  # its parts hold the one-hot term already
             # the one-hot part of (softmax - onehot) / rows, at the target rows only
             if grad_weight is not None:
                 grad_weight.index_add_(0, t, hidden[start:start + chunk].to(acc), alpha=-1.0 / rows)
