@@ -8,12 +8,13 @@ chunk's softmax is at hand there) and scaled by the incoming gradient in the bac
 Only rows that have a target are passed in: for masked LM that is ~15% of the tokens, and the head's cost shrinks
 with them.
 
-Two ways through a chunk of rows, by device:
-- the CPU's: vocabulary blocks of ~2M logits, each worked on while it is in cache (`_chunk_loss_and_grads`);
-- an accelerator's: the whole vocabulary at once (`_whole_vocabulary`), in as few passes over the logits as eager
-  PyTorch allows: one fused log-softmax for the loss, one fused softmax for the gradient, both read by matrix
-  multiplies in the matmul dtype. Under autocast the weight is cast once per call, not once per block of every
-  chunk. Estimated on an H200 (benchmarks/gpu_cost_model.py, 4 x 4096 tokens, vocabulary 32000): the CPU's way
+Two ways through a chunk of rows:
+- the CPU's in float32/float64: vocabulary blocks of ~2M logits, each worked on while it is in cache
+  (`_chunk_loss_and_grads`);
+- an accelerator's, and half-precision products' (autocast, bf16 weights) on any device: the whole vocabulary at
+  once (`_whole_vocabulary`), in as few passes over the logits as eager PyTorch allows: one fused log-softmax for
+  the loss, one fused softmax for the gradient, both read by matrix multiplies in the matmul dtype. Under autocast
+  the weight is cast once per call, not once per block of every chunk. Estimated on an H200 (benchmarks/gpu_cost_model.py, 4 x 4096 tokens, vocabulary 32000): the CPU's way
   there costs ~20 ms a step more than a GPT's plain logits + cross-entropy, mostly the weight's casts (16 GiB moved
   per step) and ~2,000 small kernels.
 """
@@ -117,7 +118,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows = hidden.shape[0]
         # half precision inputs accumulate in float32; float64 stays float64
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        whole = whole_vocabulary(hidden.device)
+        # half-precision products take the whole vocabulary on every device: the blocks' factored gradient (below)
+        # subtracts the one-hot from products rounded to half precision, which loses a confident prediction's
+        # gradient, and their target logits would not be those the log-sum-exp was taken over
+        mm_dtype = matmul_dtype(hidden, weight)
+        whole = whole_vocabulary(hidden.device) or mm_dtype in (torch.float16, torch.bfloat16)
         chunk = max(1, (_WIDE_CHUNK_ELEMENTS if whole else _CHUNK_ELEMENTS) // weight.shape[0])
         needs = ctx.needs_input_grad
         want_hidden, want_weight, want_bias = needs[0], needs[1], bias is not None and needs[2]
@@ -128,7 +133,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if whole:
             # the matmul operands cast once for all chunks, as autocast would cast them for F.linear; then autocast is
             # off, so that it does not cast them again, nor the gradient of the logits, at every product
-            mm_dtype = matmul_dtype(hidden, weight)
             h_mm, w_mm = hidden.to(mm_dtype), weight.to(mm_dtype)
             b_mm = None if bias is None else bias.to(mm_dtype)
             autocast_off = torch.autocast(hidden.device.type, enabled=False)

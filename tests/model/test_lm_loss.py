@@ -44,10 +44,10 @@ def test_whole_vocabulary_under_autocast_is_as_exact_as_autocast_cross_entropy_i
     where rounding the softmax before subtracting the one-hot would lose the gradient); the loss to float32
     precision. And few operations read or write the (rows x vocab) logits (each a pass over them in eager
     PyTorch): the product, the cast and log-softmax, gather, softmax, the two products that read it, the bias's
-    sum (the scatter of the rows' target entries writes one entry per row)."""
+    sum (the scatter of the rows' target entries writes one entry per row). On the CPU too: half-precision products
+    take this path on every device."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(lm_loss, "whole_vocabulary", lambda device: True)
     monkeypatch.setattr(lm_loss, "_WIDE_CHUNK_ELEMENTS", 300 * 40)  # 2 chunks of 40 rows
     torch.manual_seed(0)
     rows, vocab, dim = 80, 300, 64
@@ -86,7 +86,8 @@ def test_whole_vocabulary_under_autocast_is_as_exact_as_autocast_cross_entropy_i
 @pytest.mark.parametrize("case", ["bf16-weights", "frozen-weight", "one-row"])
 def test_whole_vocabulary_other_precisions_and_inputs(monkeypatch, case):
     """bf16 weights without autocast (DeepSpeed's bf16 mode): as exact as bf16 autograd of cross-entropy; a frozen
-    weight with a trained bias, and a single row, in float64: cross-entropy's values and gradients."""
+    weight with a trained bias, and a single row, in float64 (the path forced on the CPU): cross-entropy's values
+    and gradients."""
     monkeypatch.setattr(lm_loss, "whole_vocabulary", lambda device: True)
     torch.manual_seed(1)
     rows = 1 if case == "one-row" else 50
