@@ -14,9 +14,10 @@ Two ways through a chunk of rows:
 - an accelerator's, and half-precision products' (autocast, bf16 weights) on any device: the whole vocabulary at
   once (`_whole_vocabulary`), in as few passes over the logits as eager PyTorch allows: one fused log-softmax for
   the loss, one fused softmax for the gradient, both read by matrix multiplies in the matmul dtype. Under autocast
-  the weight is cast once per call, not once per block of every chunk. Estimated on an H200 (benchmarks/gpu_cost_model.py, 4 x 4096 tokens, vocabulary 32000): the CPU's way
-  there costs ~20 ms a step more than a GPT's plain logits + cross-entropy, mostly the weight's casts (16 GiB moved
-  per step) and ~2,000 small kernels.
+  the weight is cast once per call, not once per block of every chunk. Estimated on an H200
+  (benchmarks/gpu_cost_model.py, 4 x 4096 tokens, vocabulary 32000): the CPU's way there costs ~20 ms a step more
+  than a GPT's plain logits + cross-entropy, mostly the weight's casts (16 GiB moved per step) and ~2,000 small
+  kernels.
 """
 
 from __future__ import annotations
