@@ -60,7 +60,7 @@ import torch._functorch.config  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 from gpu_bench import ANCHOR, Case, mega_kwargs  # noqa: E402
-from gpu_cost_model import Rates, cuda_paths, per_layer, tally_step  # noqa: E402
+from gpu_cost_model import Rates, cuda_paths, eager_layers  # noqa: E402
 
 
 @dataclass
@@ -73,14 +73,7 @@ class Kernel:
     dtype: str = "-"
 
     def seconds(self, rates: Rates) -> float:
-        if self.flops:
-            rate = rates.matmul_tflops if self.dtype in ("bfloat16", "float16") else rates.fp32_matmul_tflops
-            busy = max(self.flops / (rate * 1e12), self.bytes / (rates.bandwidth_tbs * 1e12))
-        elif "_fft" in self.what:
-            busy = self.bytes / (rates.bandwidth_tbs * rates.fft_efficiency * 1e12)
-        else:
-            busy = self.bytes / (rates.bandwidth_tbs * 1e12)
-        return busy + rates.launch_us * 1e-6
+        return rates.seconds(self.flops, self.bytes, self.dtype, fft="_fft" in self.what)
 
 
 MATMULS = ("mm", "addmm", "bmm", "baddbmm")
@@ -285,8 +278,8 @@ def main(argv=None) -> int:
     kernels = fused_n + extern_n
     moved = sum(fused_bytes.values()) + fit("bytes", True)
 
-    print(f"\none compiled MegaBlock, forward + backward, {args.batch}x{args.seq} tokens "
-          f"({'fit through ' + ' and '.join(str(s) for s in lengths) if len(lengths) > 1 else f'scaled from {lengths[0]}'})")
+    basis = "fit through " + " and ".join(map(str, lengths)) if len(lengths) > 1 else f"scaled from {lengths[0]}"
+    print(f"\none compiled MegaBlock, forward + backward, {args.batch}x{args.seq} tokens ({basis})")
     print(f"  {kernels} kernels per layer ({fused_n} fused, {extern_n} extern), "
           f"{moved / 2 ** 30:.2f} GiB moved per layer, {fit('flops', True) / 1e12:.2f} TFLOP")
     print(f"  estimated {layer_s * 1e3:.2f} ms per layer: fused kernels {fused_s * 1e3:.2f} ms "
@@ -295,9 +288,7 @@ def main(argv=None) -> int:
 
     if not args.no_eager:
         case = Case("ours", args.batch, args.seq, args.chunk)
-        one, _ = tally_step("ours", 1, case, rates)
-        two, _ = tally_step("ours", 2, case, rates)
-        layer = per_layer(one, two)
+        one, layer = eager_layers("ours", case, rates)
         eager_s = sum(op.seconds for op in layer.values())
         eager_n = sum(op.count for op in layer.values())
         eager_bytes = sum(op.bytes for op in layer.values())

@@ -4,15 +4,16 @@ GPU shapes, each priced by a roofline.
 Sessions without a GPU need to know where a GPU step's time goes before they change the code for it. This runs the
 step (forward, loss, backward) of the 241M GPU anchor (benchmarks/gpu_bench.py's ANCHOR, or its GPT, or
 transformers' MEGA) on fake tensors (torch's FakeTensorMode: shapes, dtypes and strides, no data, no arithmetic),
-with bf16 autocast as gpu_bench runs it, and records every ATen operation the step dispatches. The CUDA paths of
-our model are taken where they differ from the CPU's: plain-matmul softmax attention, the attention replay of
-selective recomputation, bool dropout masks drawn by bernoulli_, the LM loss over the whole vocabulary at once. Each operation is then priced as one kernel:
+with bf16 autocast as gpu_bench runs it, and records every ATen operation the step dispatches. The CUDA paths of our
+model are taken where they differ from the CPU's: plain-matmul softmax attention, the attention replay of selective
+recomputation, bool dropout masks drawn by bernoulli_, the LM loss over the whole vocabulary at once. Each operation
+is then priced as one kernel:
 
     time = max(flops / matmul rate, bytes / memory rate) + launch,   bytes = what it reads + what it writes
 
-with matmul-class operations at --matmul-tflops, FFTs at --fft-efficiency of --bandwidth, everything else at
---bandwidth, views free. Data-dependent steps (nonzero, reading a scalar) are answered as for a batch whose tokens
-are all labelled and whose loss is the graph's root.
+with matmul-class operations (those with a FLOP formula in torch.utils.flop_counter) at --matmul-tflops, FFTs at
+--fft-efficiency of --bandwidth, everything else at --bandwidth, views free. Data-dependent steps (nonzero, reading
+a scalar) are answered as for a batch whose tokens are all labelled and whose loss is the graph's root.
 
 It is a model, not a measurement: it knows nothing of cuBLAS's shape preferences, cache reuse, or eager Python's
 CPU time (it counts the kernels; at ~10 us each a step of N kernels cannot be shorter than N x 10 us). What it is for:
@@ -57,10 +58,6 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 from gpu_bench import ANCHOR, Case, build_gpt, mega_kwargs  # noqa: E402
 
 aten = torch.ops.aten
-MATMUL = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten.matmul, aten.linear,
-          aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention,
-          aten._scaled_dot_product_flash_attention_backward, aten._scaled_dot_product_efficient_attention_backward,
-          aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward}
 FFT = {aten._fft_r2c, aten._fft_c2r, aten._fft_c2c}
 # no kernel: metadata only, or an allocation
 FREE = {aten.empty, aten.empty_like, aten.empty_strided, aten.detach, aten.lift_fresh, aten.set_, aten.resize_}
@@ -73,6 +70,17 @@ class Rates:
     bandwidth_tbs: float = 3.9     # HBM3e, 4.8 TB/s peak, what a large elementwise kernel reaches
     fft_efficiency: float = 0.6    # cuFFT's share of that bandwidth (two passes for the longer transforms)
     launch_us: float = 2.5         # a kernel's fixed cost on the device (launch, tail)
+
+    def seconds(self, flops: float, moved: float, dtype: str, fft: bool = False) -> float:
+        """One kernel's time: matmul-class kernels (flops > 0) at the matmul rate of their dtype or their bytes'
+        time, whichever is longer; FFTs at their share of the bandwidth; the rest by bytes; plus the launch."""
+        bandwidth = self.bandwidth_tbs * 1e12
+        if flops:
+            rate = self.matmul_tflops if dtype in ("bfloat16", "float16") else self.fp32_matmul_tflops
+            busy = max(flops / (rate * 1e12), moved / bandwidth)
+        else:
+            busy = moved / (bandwidth * (self.fft_efficiency if fft else 1.0))
+        return busy + self.launch_us * 1e-6
 
 
 @dataclass
@@ -108,16 +116,8 @@ class Tally:
                 flops = float(flop_registry[packet](*args, **(kwargs or {}), out_val=out))
             except Exception:  # a formula that does not take these arguments: price by bytes
                 flops = 0.0
-        dtype = str(outs[0].dtype).replace("torch.", "") if outs else "-"
-        r = self.rates
-        if packet in MATMUL or flops:
-            rate = r.matmul_tflops if dtype in ("bfloat16", "float16") else r.fp32_matmul_tflops
-            seconds = max(flops / (rate * 1e12), moved / (r.bandwidth_tbs * 1e12))
-        elif packet in FFT:
-            seconds = moved / (r.bandwidth_tbs * r.fft_efficiency * 1e12)
-        else:
-            seconds = moved / (r.bandwidth_tbs * 1e12)
-        seconds += r.launch_us * 1e-6
+        dtype = str(outs[0].dtype).replace("torch.", "")
+        seconds = self.rates.seconds(flops, moved, dtype, fft=packet in FFT)
         name = str(packet).replace("aten.", "")
         key = (self.phase, _source_line() + " " + name if self.by_line else name, dtype)
         op = self.ops.setdefault(key, Op(key[1], self.phase, dtype))
@@ -341,6 +341,19 @@ def per_layer(one: Tally, two: Tally) -> dict:
     return layer
 
 
+def eager_layers(impl: str, case: Case, rates: Rates, keep: bool = False, by_line: bool = False
+                 ) -> tuple[Tally, dict]:
+    """The one-layer step's tally and what each further layer adds (`per_layer`)."""
+    one, _ = tally_step(impl, 1, case, rates, keep, by_line)
+    two, _ = tally_step(impl, 2, case, rates, keep, by_line)
+    return one, per_layer(one, two)
+
+
+def model_total(one: Tally, layer: dict, layers: int, attr: str) -> float:
+    """`attr` (seconds, flops, bytes, count) of a `layers`-layer step, from `eager_layers`."""
+    return one.total(attr) + (layers - 1) * sum(getattr(op, attr) for op in layer.values())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impl", default="ours", choices=("ours", "gpt", "hf"))
@@ -363,26 +376,23 @@ def main(argv=None) -> int:
 
     rates = Rates(matmul_tflops=args.matmul_tflops, bandwidth_tbs=args.bandwidth_tbs, launch_us=args.launch_us)
     case = Case(args.impl, args.batch, args.seq, args.chunk)
-    if args.memory:
-        _, live = tally_step(args.impl, args.layers, case, rates, args.keep, memory=True)
-        print(f"{args.impl} {args.batch}x{args.seq}" + (f" chunk {args.chunk}" if args.chunk else "")
-              + (" keep" if args.keep else "") + f", {args.layers} layers, bf16 autocast, one training step:")
-        print(f"  peak of live tensors {live.peak / 2 ** 30:.2f} GiB (in {live.peak_phase}, at {live.peak_line}; weights, buffers and "
-              f"inputs included, gradients as they are made), {live.after / 2 ** 30:.2f} GiB held after it")
-        return 0
-    one, _ = tally_step(args.impl, 1, case, rates, args.keep, args.by_line)
-    two, _ = tally_step(args.impl, 2, case, rates, args.keep, args.by_line)
-    layer = per_layer(one, two)
-    layer_s = sum(op.seconds for op in layer.values())
-    rest_s = one.total("seconds") - layer_s
-    step_s = rest_s + args.layers * layer_s
-    kernels = one.total("count") + (args.layers - 1) * sum(op.count for op in layer.values())
-    flops = one.total("flops") + (args.layers - 1) * sum(op.flops for op in layer.values())
-    moved = one.total("bytes") + (args.layers - 1) * sum(op.bytes for op in layer.values())
-    tokens = args.batch * args.seq
-    host_floor = kernels * args.cpu_us_per_op * 1e-6
     print(f"{args.impl} {args.batch}x{args.seq}" + (f" chunk {args.chunk}" if args.chunk and args.impl != "gpt" else "")
           + (" keep" if args.keep else "") + f", {args.layers} layers, bf16 autocast, one training step")
+    if args.memory:
+        _, live = tally_step(args.impl, args.layers, case, rates, args.keep, memory=True)
+        print(f"  peak of live tensors {live.peak / 2 ** 30:.2f} GiB (in {live.peak_phase}, at {live.peak_line}; "
+              f"weights, buffers and inputs included, gradients as they are made), {live.after / 2 ** 30:.2f} GiB "
+              f"held after it")
+        return 0
+    one, layer = eager_layers(args.impl, case, rates, args.keep, args.by_line)
+    layer_s = sum(op.seconds for op in layer.values())
+    rest_s = one.total("seconds") - layer_s
+    step_s = model_total(one, layer, args.layers, "seconds")
+    kernels = model_total(one, layer, args.layers, "count")
+    flops = model_total(one, layer, args.layers, "flops")
+    moved = model_total(one, layer, args.layers, "bytes")
+    tokens = args.batch * args.seq
+    host_floor = kernels * args.cpu_us_per_op * 1e-6
     print(f"  estimated {step_s * 1e3:.1f} ms/step = {tokens / step_s:,.0f} tokens/s "
           f"(layer {layer_s * 1e3:.2f} ms x {args.layers}, embedding + loss {rest_s * 1e3:.1f} ms)")
     print(f"  {kernels:,} kernels (host floor at {args.cpu_us_per_op:g} us each: {host_floor * 1e3:.1f} ms), "
@@ -393,7 +403,8 @@ def main(argv=None) -> int:
           f"{sum(op.bytes for op in layer.values()) / 2 ** 30:.2f} GiB moved")
     if not args.top:
         return 0
-    print(f"\n  {'phase':<9} {'operation':<44} {'dtype':<9} {'kernels':>7} {'GFLOP':>8} {'MiB':>9} {'ms':>7} {'share':>6}")
+    print(f"\n  {'phase':<9} {'operation':<44} {'dtype':<9} {'kernels':>7} {'GFLOP':>8} {'MiB':>9} {'ms':>7} "
+          f"{'share':>6}")
     for op in sorted(layer.values(), key=lambda o: -o.seconds)[:args.top]:
         print(f"  {op.phase:<9} {op.name:<44} {op.dtype:<9} {op.count:>7} {op.flops / 1e9:>8.1f} "
               f"{op.bytes / 2 ** 20:>9.1f} {op.seconds * 1e3:>7.3f} {100 * op.seconds / layer_s:>5.1f}%")
