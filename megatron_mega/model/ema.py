@@ -8,13 +8,15 @@ Each of the hidden channels d is expanded into N dimensions, smoothed by a dampe
 which is a convolution of x with the kernel k[l] = sum_n eta[n] p[n] beta[n] q[n]^l / sqrt(N), q = 1 - p * a.
 
 Three ways to compute it, all exact:
-- full sequence: one FFT convolution (O(L log L)), causal or bidirectional (a second kernel reading the future);
+- full sequence: the recurrence by chunks of 64 tokens (model/chunked_ema.py: a Toeplitz product within each
+  chunk, the N states carried between chunks), causal or bidirectional (a second EMA reading the future); an EMA
+  with a truncated kernel (`truncation`), which has no finite state, by one FFT convolution (model/fft_conv.py);
 - decoding: the recurrence itself, from a (batch, hidden, N) state, O(hidden * N) per token whatever the context;
-- prefill with a state: FFT for the new tokens plus the decayed contribution of the state, and the new state.
+- prefill with a state: the full-sequence EMA of the new tokens plus the decayed contribution of the state, and
+  the new state.
 
-The kernel is (hidden, L) floats, as many bytes as a float32 activation at batch 1 (a bidirectional one is a whole
-FFT buffer, 2-4x that). Training does not keep it for backward: the FFT convolution keeps the four parameters it
-is made of and builds it again in backward (fft_conv.fft_convolution_built), one small matrix multiply.
+Training keeps no kernel or matrix for backward, only the EMA's input and its four parameters, from which backward
+builds the matrices (or the FFT's kernel) again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_mega.model.chunked_ema import chunked_ema, chunked_ema_plain
 from megatron_mega.model.derived import DerivedTensors
 from megatron_mega.model.fft_conv import fft_convolution, fft_convolution_built
 from megatron_mega.model.recompute import recomputing
@@ -140,21 +143,34 @@ class MegaMultiDimensionDampedEma(nn.Module):
         return (F.silu(out) if activate else out), new_state
 
     def _convolve(self, u: torch.Tensor) -> torch.Tensor:
-        """Full-sequence EMA by FFT. u: (B, L, D) -> (B, L, D)."""
-        length = u.shape[1]
-        k_len = length if self.truncation is None else min(self.truncation, length)
-        # linear (not circular) convolution needs n >= L + K - 1; the anti-causal half of a bidirectional kernel is
-        # placed at negative lags (the end of the buffer), which the same bound keeps apart from the outputs.
-        n = _fft_size(length + k_len - 1)
-        build = functools.partial(self._circular_kernel, k_len, n, u.dtype)
+        """Full-sequence EMA. u: (B, L, D) -> (B, L, D) (a transposed view)."""
         params = self.kernel_parameters()
+        if self.truncation is None:
+            # the recurrence by chunks (model/chunked_ema.py): fewer bytes moved than the FFT's, and exact
+            if recomputing():
+                # keeps u and the parameters for backward; the matrices are rebuilt from the parameters there
+                return chunked_ema(u, functools.partial(self._coefficients_of, u.dtype), params, self.bidirectional)
+            # without autograd nothing is kept; under torch.compile the plain ops trace into the block's one graph
+            # (tests/model/test_traceable.py) and the compiler decides what backward keeps or recomputes
+            return chunked_ema_plain(u, self._coefficients(u.dtype, params), self.bidirectional)
+        # a truncated kernel has no finite state: its convolution is by FFT
+        return self._fft_convolve(u, min(self.truncation, u.shape[1]))
+
+    def _fft_convolve(self, u: torch.Tensor, k_len: int) -> torch.Tensor:
+        """The EMA with its kernel cut to k_len lags, by FFT (model/fft_conv.py). u: (B, L, D) -> (B, L, D)."""
+        params = self.kernel_parameters()
+        # linear (not circular) convolution needs n >= L + K - 1; the anti-causal half of a bidirectional kernel is
+        # placed at negative lags (the end of the buffer), which the same bound keeps apart from the outputs
+        n = _fft_size(u.shape[1] + k_len - 1)
+        build = functools.partial(self._circular_kernel, k_len, n, u.dtype)
         if recomputing():
             # the kernel is (D, K) floats, or (D, n) bidirectional, as many bytes as an activation: backward builds it
             # again from the parameters (a small matrix product) rather than keep it
             return fft_convolution_built(u, build, params, n)
-        # without autograd there is nothing to keep; under torch.compile the plain ops trace into the block's one
-        # graph (tests/model/test_traceable.py) and the compiler decides what backward keeps or recomputes
         return fft_convolution(u, build(*params), n)  # zero-padded to n inside
+
+    def _coefficients_of(self, dtype: torch.dtype, *params: torch.Tensor):
+        return self._coefficients(dtype, params)
 
     def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal EMA continuing from `state`. u: (B, L, D); state: (B, D, N) or None."""

@@ -1,6 +1,7 @@
-"""The FFT convolution that builds its kernel again in backward (fft_conv.fft_convolution_built), as the EMA uses it:
-the same values and gradients, to the bit, as building the kernel with autograd and keeping it (the tensor-kernel
-`fft_convolution`); a gradcheck; and what it keeps for backward (u and the parameters, no kernel)."""
+"""The FFT convolution that builds its kernel again in backward (fft_conv.fft_convolution_built), as the EMA uses it
+for a truncated kernel (and here, forced, for a whole one): the same values and gradients, to the bit, as building
+the kernel with autograd and keeping it (the tensor-kernel `fft_convolution`); a gradcheck; and what it keeps for
+backward (u and the parameters, no kernel)."""
 
 import pytest
 import torch
@@ -43,14 +44,18 @@ def kernel_kept(ema: MegaMultiDimensionDampedEma, u: torch.Tensor, handed: list 
     return fft_convolution(u, kernel, n)
 
 
+def fft_path(ema: MegaMultiDimensionDampedEma, u: torch.Tensor) -> torch.Tensor:
+    """The EMA's FFT convolution, also where it takes the chunked recurrence (no truncation)."""
+    return ema._fft_convolve(u, u.shape[1] if ema.truncation is None else min(ema.truncation, u.shape[1]))
+
+
 def forward_backward(ema, x, old: bool, monkeypatch, autocast: str = ""):
     """Output and the gradients of x and of every parameter (the residual weight's through the layer). autocast:
     "forward" runs the forward under bfloat16 autocast, "both" the backward too."""
     forward_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast))
     backward_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "both")
     with monkeypatch.context() as patch:
-        if old:
-            patch.setattr(ema, "_convolve", lambda u: kernel_kept(ema, u))
+        patch.setattr(ema, "_convolve", (lambda u: kernel_kept(ema, u)) if old else (lambda u: fft_path(ema, u)))
         x = x.detach().requires_grad_()
         ema.zero_grad(set_to_none=True)
         with forward_ctx:
@@ -92,9 +97,10 @@ def test_rebuilt_kernel_under_autocast(bidirectional, autocast, monkeypatch):
         assert torch.equal(a, b), name
 
 
-def test_without_autograd_the_plain_path_gives_the_same_values():
+def test_without_autograd_the_plain_path_gives_the_same_values(monkeypatch):
     # no_grad builds the kernel and hands it over as a tensor (as torch.compile does): nothing to keep
     ema = make_ema(True, dtype=torch.float32)
+    monkeypatch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
     x = torch.randn(2, 30, 32)
     with torch.no_grad():
         plain, _ = ema(x)
@@ -124,8 +130,9 @@ def test_built_convolution_gradcheck(wanted):
 
 @pytest.mark.parametrize("truncation", [None, 3])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
-def test_ema_gradcheck_through_the_rebuilt_kernel(bidirectional, truncation):
+def test_ema_gradcheck_through_the_rebuilt_kernel(bidirectional, truncation, monkeypatch):
     ema = make_ema(bidirectional, truncation, hidden=4)
+    monkeypatch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
     names = [n for n, _ in ema.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in ema.parameters()]
     x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
@@ -173,7 +180,9 @@ def test_ema_keeps_the_kernel_no_more(bidirectional, truncation, monkeypatch):
         kept, _ = kept_storages(fn)
         return sum(nbytes for ptr, nbytes in kept.items() if ptr not in ignored)
 
-    new = layer_bytes(lambda: ema(x))
+    with monkeypatch.context() as patch:
+        patch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+        new = layer_bytes(lambda: ema(x))
     handed = []
     with monkeypatch.context() as patch:
         patch.setattr(ema, "_convolve", lambda u: kernel_kept(ema, u, handed))
@@ -203,7 +212,9 @@ def test_ema_with_frozen_kernel_parameters_keeps_exactly_one_kernel_less(bidirec
         kept, _ = kept_storages(lambda: ema(x))
         return sum(nbytes for ptr, nbytes in kept.items() if ptr not in ignored)
 
-    new = layer_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+        new = layer_bytes()
     with monkeypatch.context() as patch:
         patch.setattr(ema, "_convolve", lambda u: kernel_kept(ema, u))
         old = layer_bytes()

@@ -1,0 +1,118 @@
+"""The EMA's convolution as a chunked recurrence (model/chunked_ema.py) against the FFT convolution and the plain
+recurrence: values and every gradient to float64 rounding, causal and bidirectional, one chunk, a partial last
+chunk and scans of several levels; the plain-ops path against the autograd function; a gradcheck; what backward
+keeps; float32 accuracy over long sequences and extreme decays."""
+
+import pytest
+import torch
+
+from megatron_mega.model import chunked_ema as chunked
+from megatron_mega.model.chunked_ema import chunked_ema, chunked_ema_plain
+from megatron_mega.model.ema import MegaMultiDimensionDampedEma
+from tests.model.test_fft_conv import fft_path, kept_storages, make_ema
+
+
+def coefficients(ema: MegaMultiDimensionDampedEma, dtype=torch.float64):
+    return lambda *params: ema._coefficients(dtype, params)
+
+
+def recurrence(u: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, reverse: bool = False
+               ) -> torch.Tensor:
+    """h[t] = q h[t-1] + weight u[t], y[t] = sum_n out h[t], token by token (reversed: from the end)."""
+    batch, length, dim = u.shape
+    h = u.new_zeros(batch, dim, q.shape[1])
+    y = torch.empty_like(u)
+    for t in (reversed(range(length)) if reverse else range(length)):
+        h = q * h + weight * u[:, t, :, None]
+        y[:, t] = (h * out).sum(-1)
+    return y
+
+
+@pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 200])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_ema_values_and_gradients_equal_the_fft_convolutions(bidirectional, length, monkeypatch):
+    ema = make_ema(bidirectional)  # float64, hidden 32, N = 16
+    x = torch.randn(2, length, 32, dtype=torch.float64)
+    grad = torch.randn(2, length, 32, dtype=torch.float64)
+
+    def run(fft: bool):
+        with monkeypatch.context() as patch:
+            if fft:
+                patch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+            ema.zero_grad(set_to_none=True)
+            leaf = x.clone().requires_grad_()
+            out, _ = ema(leaf)
+            out.backward(grad)
+        return [out.detach(), leaf.grad] + [p.grad for p in ema.parameters()]
+
+    for name, a, b in zip(["out", "x"] + [n for n, _ in ema.named_parameters()], run(False), run(True)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anti-causal"])
+def test_scans_of_several_levels_equal_the_recurrence(chunk, reverse):
+    # 700 tokens in chunks of 1, 2 and 5: 700, 350 and 140 chunks, scanned in 3, 3 and 2 levels of 16
+    torch.manual_seed(0)
+    dim, n = 3, 4
+    weight, out = torch.randn(dim, n, dtype=torch.float64), torch.randn(dim, n, dtype=torch.float64)
+    q = torch.rand(dim, n, dtype=torch.float64) * 0.2 + 0.79  # slow decays: the state reaches across chunks
+    u = torch.randn(2, 700, dim, dtype=torch.float64)
+    parts = [chunked.causal_part(weight, q, out, chunk, -(-700 // chunk))]
+    assert len(parts[0].levels) == {1: 3, 2: 3, 5: 2}[chunk]
+    if reverse:
+        parts = [chunked.turned(parts[0])]
+    x = chunked._to_chunks(u, chunk)
+    y = chunked._from_chunks(chunked._convolve(x, parts, 2), 2, 700)
+    torch.testing.assert_close(y, recurrence(u, weight, q, out, reverse), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_the_plain_path_equals_the_autograd_function(bidirectional):
+    # what torch.compile traces and passes without autograd run, against the function training runs
+    ema = make_ema(bidirectional, hidden=8)
+    params = ema.kernel_parameters()
+    u = torch.randn(3, 150, 8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 150, 8, dtype=torch.float64)
+    function = chunked_ema(u, coefficients(ema), params, bidirectional, chunk=8)
+    plain = chunked_ema_plain(u, coefficients(ema)(*params), bidirectional, chunk=8)
+    torch.testing.assert_close(function, plain, rtol=1e-13, atol=1e-13)
+    for a, b in zip(torch.autograd.grad(function, [u, *params], grad), torch.autograd.grad(plain, [u, *params], grad)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("wanted", ["all", "input", "parameters"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_gradcheck(bidirectional, wanted):
+    ema = make_ema(bidirectional, hidden=2)
+    params = [p.detach().clone().requires_grad_(wanted != "input") for p in ema.kernel_parameters()]
+    u = torch.randn(2, 11, 2, dtype=torch.float64, requires_grad=wanted != "parameters")
+    assert torch.autograd.gradcheck(lambda u, *p: chunked_ema(u, coefficients(ema), p, bidirectional, chunk=3),
+                                    (u, *params))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_keeps_the_input_and_the_parameters_only(bidirectional):
+    ema = make_ema(bidirectional, dtype=torch.float32)
+    params = ema.kernel_parameters()
+    u = torch.randn(2, 300, 32, requires_grad=True)
+    kept, y = kept_storages(lambda: chunked_ema(u, coefficients(ema, torch.float32), params, bidirectional))
+    assert set(kept) == {t.untyped_storage().data_ptr() for t in (u, *params)}
+    assert y.shape == u.shape
+
+
+def test_float32_over_long_sequences_and_extreme_decays():
+    # decays from 1e-30 (gone after a token) to 1 - 6e-8 (hardly decaying over 20k tokens): the powers of the scan
+    # stay finite, and float32 stays within ~1e-6 of the float64 result
+    torch.manual_seed(0)
+    dim, n, length = 4, 16, 20000
+    q = torch.logspace(-30, 0, dim * n, dtype=torch.float64).view(dim, n).clamp(max=1 - 6e-8)
+    weight, out = torch.rand(dim, n, dtype=torch.float64), torch.randn(dim, n, dtype=torch.float64) / 4
+    u = torch.randn(1, length, dim, dtype=torch.float64)
+    exact = chunked_ema_plain(u, (weight, q, out))
+    single = chunked_ema_plain(u.float(), (weight.float(), q.float(), out.float()))
+    assert torch.isfinite(single).all()
+    scale = exact.abs().amax(1, keepdim=True)
+    assert float(((single.double() - exact).abs() / scale).max()) < 2e-5
+    # and the float64 result is the recurrence's on the tokens it can afford
+    torch.testing.assert_close(exact[:, :300], recurrence(u[:, :300], weight, q, out), rtol=1e-10, atol=1e-10)
