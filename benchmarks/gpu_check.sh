@@ -6,6 +6,8 @@
 #   4. exact resume on the GPU path (benchmarks/resume_check.py)
 #   (profile: the top CUDA kernels of one step at 4x4096 chunk 1024)
 #   5. cached decoding latency at 1k / 8k / 64k context (benchmarks/decode_bench.py)
+#   (ema: the EMA alone, chunked recurrence against the FFT it replaced, forward + backward, benchmarks/ema_bench.py;
+#   run after the tests)
 #   (estimate: benchmarks/gpu_cost_model.py's CPU-side estimates of the same steps, run in the background while the
 #   tests run and waited for before the bench, to check its constants against the bench's measurements:
 #   estimate.log; informational, its failure does not fail the check)
@@ -41,7 +43,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
     export PYTHONPATH=$ROOT
 fi
-PARTS=${PARTS:-"estimate tests bench profile quickstart resume decode"}
+PARTS=${PARTS:-"estimate tests ema bench profile quickstart resume decode"}
 status=0
 started=$SECONDS
 
@@ -85,6 +87,8 @@ for p in $PARTS; do
                 --work /tmp/resume --steps 20 precision.dtype=bf16 ;;
     decode) part decode 90 python3 benchmarks/decode_bench.py --device cuda --dtype bf16 --hidden 1024 --layers 16 \
                 --nffn 2048 --bias rotary --contexts 1024 8192 65536 --steps 32 ;;
+    ema) part ema 60 bash -c "python3 benchmarks/ema_bench.py --device cuda --hidden 1024 --shapes 4x4096 1x16384 \
+             1x262144 && python3 benchmarks/ema_bench.py --device cuda --hidden 1024 --shapes 4x4096 --bidirectional" ;;
     *) echo "unknown part $p"; status=1 ;;
     esac
 done
