@@ -254,3 +254,40 @@ def chunked_ema_plain(u: torch.Tensor, coefficients: tuple[torch.Tensor, torch.T
     chunk = chunk_length(length, chunk)
     parts = _parts(coefficients, bidirectional, chunk, -(-length // chunk))
     return _from_chunks(_convolve(_to_chunks(u, chunk), parts, batch), batch, length)
+
+
+def chunked_ema_with_state(u: torch.Tensor, coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                           state: Optional[torch.Tensor], chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal EMA of u (B, L, D) continuing from `state` (B, D, N) (None: from rest), and its state after the
+    last token: the prefill of cached decoding. By the same chunked products, so nothing of L x N per channel is
+    built (the powers q^0 .. q^L would be (D, N, L) floats: 4 GiB at 64k tokens and the GPU anchor's widths).
+    Plain differentiable ops. Returns (y as a transposed (B, L, D) view, the new state (B, D, N))."""
+    weight, q, out = coefficients
+    batch, length, dim = u.shape
+    n = q.shape[1]
+    chunk = chunk_length(length, chunk)
+    chunks = -(-length // chunk)
+    part = causal_part(weight, q, out, chunk, chunks)
+    x = _to_chunks(u, chunk)
+    y = torch.bmm(x, part.intra)
+    log_q = torch.log(q).unsqueeze(-1)
+    tail = length - (chunks - 1) * chunk  # tokens in the last chunk
+    # the last chunk's tokens decayed to its last token, sum_j q^(tail-1-j) u[j] (zero weight for the padding)
+    gap = tail - 1 - torch.arange(chunk, device=u.device)
+    to_end = torch.where(gap >= 0, torch.exp(gap.clamp(min=0).to(u.dtype) * log_q), 0.0)  # (D, N, T)
+    final = torch.bmm(to_end, x.view(dim, batch, chunks, chunk)[:, :, -1].transpose(1, 2))  # (D, N, B)
+    if chunks > 1:
+        h = _states(x, part, batch)
+        y = torch.baddbmm(y, h.transpose(1, 2), part.from_state)
+        final = final + torch.exp(tail * log_q) * h.view(dim, n, batch, chunks)[..., -1]
+    new_state = (weight.unsqueeze(-1) * final).permute(2, 0, 1)
+    if state is not None:
+        state = state.to(u.dtype)
+        # the old state decays into every new output, y[cT + i] += sum_n out q^(i+1) r^c state: per chunk, one more
+        # product with (N x T) powers
+        entering = torch.exp(torch.arange(chunks, device=u.device, dtype=u.dtype) * part.log_decay.unsqueeze(-1))
+        decayed = state.permute(1, 2, 0).unsqueeze(-1) * entering.unsqueeze(2)  # (D, N, B, C)
+        into = out.unsqueeze(-1) * torch.exp(torch.arange(1, chunk + 1, device=u.device, dtype=u.dtype) * log_q)
+        y = torch.baddbmm(y, decayed.reshape(dim, n, batch * chunks).transpose(1, 2), into)
+        new_state = new_state + torch.exp(length * log_q.squeeze(-1)) * state
+    return _from_chunks(y, batch, length), new_state

@@ -12,8 +12,8 @@ Three ways to compute it, all exact:
   chunk, the N states carried between chunks), causal or bidirectional (a second EMA reading the future); an EMA
   with a truncated kernel (`truncation`), which has no finite state, by one FFT convolution (model/fft_conv.py);
 - decoding: the recurrence itself, from a (batch, hidden, N) state, O(hidden * N) per token whatever the context;
-- prefill with a state: the full-sequence EMA of the new tokens plus the decayed contribution of the state, and
-  the new state.
+- prefill with a state: the same chunked products, the state entering the first chunk, and the state after the
+  last token taken from the last chunk's (no (hidden, N, L) powers).
 
 Training keeps no kernel or matrix for backward, only the EMA's input and its four parameters, from which backward
 builds the matrices (or the FFT's kernel) again.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_mega.model.chunked_ema import chunked_ema, chunked_ema_plain
+from megatron_mega.model.chunked_ema import chunked_ema, chunked_ema_plain, chunked_ema_with_state
 from megatron_mega.model.derived import DerivedTensors
 from megatron_mega.model.fft_conv import fft_convolution, fft_convolution_built
 from megatron_mega.model.recompute import recomputing
@@ -182,14 +182,5 @@ class MegaMultiDimensionDampedEma(nn.Module):
             if state is not None:
                 h = h + q * state.to(u.dtype)
             return torch.einsum("bdn,dn->bd", h, out).unsqueeze(1), h
-        y = self._convolve(u)
-        steps = torch.arange(length + 1, device=u.device, dtype=u.dtype)
-        powers = torch.exp(steps.view(1, 1, -1) * torch.log(q).unsqueeze(-1))  # q^0 .. q^L, (D, N, L+1)
-        # state after the last token: sum_s weight q^(L-1-s) u[s] (+ q^L state)
-        new_state = torch.einsum("bld,dnl->bdn", u, powers[..., :length].flip(-1) * weight.unsqueeze(-1))
-        if state is not None:
-            state = state.to(u.dtype)
-            # the old state decays into every new output: y[t] += sum_n out q^(t+1) state
-            y = y + torch.einsum("bdn,dnl->bld", state, powers[..., 1:] * out.unsqueeze(-1))
-            new_state = new_state + powers[..., length] * state
-        return y, new_state
+        # a prefill: the chunked recurrence, which also gives the state after the last token (model/chunked_ema.py)
+        return chunked_ema_with_state(u, (weight, q, out), state)

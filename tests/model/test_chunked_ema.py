@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_mega.model import chunked_ema as chunked
-from megatron_mega.model.chunked_ema import chunked_ema, chunked_ema_plain
+from megatron_mega.model.chunked_ema import chunked_ema, chunked_ema_plain, chunked_ema_with_state
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
 from tests.model.test_fft_conv import fft_path, kept_storages, make_ema
 
@@ -16,16 +16,17 @@ def coefficients(ema: MegaMultiDimensionDampedEma, dtype=torch.float64):
     return lambda *params: ema._coefficients(dtype, params)
 
 
-def recurrence(u: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, reverse: bool = False
-               ) -> torch.Tensor:
-    """h[t] = q h[t-1] + weight u[t], y[t] = sum_n out h[t], token by token (reversed: from the end)."""
+def recurrence(u: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, reverse: bool = False,
+               state=None, with_state: bool = False):
+    """h[t] = q h[t-1] + weight u[t], y[t] = sum_n out h[t], token by token (reversed: from the end), from
+    `state` (B, D, N) or rest; with_state: also the last h."""
     batch, length, dim = u.shape
-    h = u.new_zeros(batch, dim, q.shape[1])
+    h = u.new_zeros(batch, dim, q.shape[1]) if state is None else state
     y = torch.empty_like(u)
     for t in (reversed(range(length)) if reverse else range(length)):
         h = q * h + weight * u[:, t, :, None]
         y[:, t] = (h * out).sum(-1)
-    return y
+    return (y, h) if with_state else y
 
 
 @pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 200])
@@ -116,3 +117,20 @@ def test_float32_over_long_sequences_and_extreme_decays():
     assert float(((single.double() - exact).abs() / scale).max()) < 2e-5
     # and the float64 result is the recurrence's on the tokens it can afford
     torch.testing.assert_close(exact[:, :300], recurrence(u[:, :300], weight, q, out), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("from_rest", [True, False], ids=["from rest", "from a state"])
+@pytest.mark.parametrize("length,chunk", [(1, 64), (7, 64), (64, 64), (65, 64), (300, 4), (700, 2)])
+def test_prefill_with_a_state_equals_the_recurrence(length, chunk, from_rest):
+    # the prefill of cached decoding: outputs and the state after the last token, from rest or continuing a state,
+    # whole and partial last chunks, scans of one to three levels
+    torch.manual_seed(0)
+    dim, n = 3, 4
+    weight, out = torch.randn(dim, n, dtype=torch.float64), torch.randn(dim, n, dtype=torch.float64)
+    q = torch.rand(dim, n, dtype=torch.float64) * 0.2 + 0.79
+    u = torch.randn(2, length, dim, dtype=torch.float64)
+    state = None if from_rest else torch.randn(2, dim, n, dtype=torch.float64)
+    y, new_state = chunked_ema_with_state(u, (weight, q, out), state, chunk)
+    want_y, want_state = recurrence(u, weight, q, out, state=state, with_state=True)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_state, want_state, rtol=1e-12, atol=1e-12)
