@@ -198,6 +198,12 @@ class _ChunkedEma(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
+        # a backward called inside an autocast region would run these products in bfloat16: they stay in u's dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            return _ChunkedEma._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
         u, *params = ctx.saved_tensors
         batch, length = u.shape[0], u.shape[1]
         needs = ctx.needs_input_grad[4:]

@@ -134,3 +134,21 @@ def test_prefill_with_a_state_equals_the_recurrence(length, chunk, from_rest):
     want_y, want_state = recurrence(u, weight, q, out, state=state, with_state=True)
     torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new_state, want_state, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_a_backward_inside_autocast_stays_in_float32(bidirectional):
+    # the EMA turns autocast off around its forward; a backward called inside an autocast region (which would cast
+    # its matrix products to bfloat16) gives the gradients of one called outside it, to the bit
+    ema = make_ema(bidirectional, dtype=torch.float32)
+    params = ema.kernel_parameters()
+    u = torch.randn(2, 200, 32, requires_grad=True)
+    grad = torch.randn(2, 200, 32)
+
+    def grads(inside: bool):
+        y = chunked_ema(u, coefficients(ema, torch.float32), params, bidirectional)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            return torch.autograd.grad(y, [u, *params], grad)
+
+    for a, b in zip(grads(True), grads(False)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
