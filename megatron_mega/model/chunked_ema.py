@@ -69,19 +69,25 @@ def chunk_length(length: int, chunk: int = CHUNK) -> int:
     return max(1, min(chunk, length))
 
 
+def _upper_toeplitz(values: torch.Tensor) -> torch.Tensor:
+    """(..., n) -> (..., n, n) with [j, i] = values[i - j] for i >= j, else 0: windows of the values padded on the
+    left with zeros, rows reversed (a padding and a copy; no index tensors, no exponentials of the whole matrix)."""
+    n = values.shape[-1]
+    return F.pad(values, (n - 1, 0)).unfold(-1, n, 1).flip(-2)
+
+
 def _scan_levels(log_decay: torch.Tensor, steps: int) -> tuple[ScanLevel, ...]:
     levels = []
     while True:
         size = min(steps, _GROUP)
-        index = torch.arange(size, device=log_decay.device)
-        gap = index.view(1, -1) - index.view(-1, 1) - 1  # [c', c] = c - c' - 1
-        exponent = gap.clamp(min=0).to(log_decay.dtype)
-        matrix = torch.where(gap >= 0, torch.exp(exponent * log_decay[..., None, None]), 0.0)
+        powers = torch.exp(torch.arange(_GROUP, device=log_decay.device, dtype=log_decay.dtype)
+                           * log_decay.unsqueeze(-1))  # r^0 .. r^(G-1), (D, N, G)
+        # [c', c] = r^(c - 1 - c') above the diagonal: the Toeplitz matrix of (0, r^0, .., r^(size-2))
+        matrix = _upper_toeplitz(F.pad(powers[..., :size - 1], (1, 0)))
         if steps <= _GROUP:
             levels.append(ScanLevel(matrix, None))
             return tuple(levels)
-        index = torch.arange(_GROUP, device=log_decay.device, dtype=log_decay.dtype)
-        levels.append(ScanLevel(matrix, torch.exp(index * log_decay.unsqueeze(-1))))
+        levels.append(ScanLevel(matrix, powers))
         log_decay = log_decay * _GROUP
         steps = -(-steps // _GROUP)
 
@@ -96,8 +102,7 @@ def causal_part(weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, chunk:
     powers = torch.exp(torch.arange(chunk + 1, device=q.device, dtype=q.dtype) * log_q)  # q^0 .. q^T, (D, N, T+1)
     c = weight * out
     kernel = torch.bmm(c.unsqueeze(1), powers[..., :chunk]).squeeze(1)  # k[0 .. T-1], (D, T)
-    # intra[j, i] = padded[T - 1 + i - j]: windows of the left-padded kernel, rows reversed
-    intra = F.pad(kernel, (chunk - 1, 0)).unfold(-1, chunk, 1).flip(-2)
+    intra = _upper_toeplitz(kernel)
     log_decay = log_q.squeeze(-1) * chunk
     with torch.set_grad_enabled(track_levels and torch.is_grad_enabled()):
         levels = _scan_levels(log_decay, chunks) if chunks > 1 else ()
