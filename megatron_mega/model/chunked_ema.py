@@ -28,6 +28,7 @@ What is kept for backward: u (the layer's normalised input, kept anyway) and the
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -93,15 +94,18 @@ def _scan_levels(log_decay: torch.Tensor, steps: int) -> tuple[ScanLevel, ...]:
 
 
 def causal_part(weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, chunk: int, chunks: int,
-                track_levels: bool = True) -> Part:
+                track_levels: bool = True, residual: Optional[torch.Tensor] = None) -> Part:
     """A causal EMA with input weights `weight`, decays `q` and output weights `out`, each (D, N), over `chunks`
     chunks of `chunk` tokens: intra[j, i] = k[i - j] (zero for j > i), to_state[n, j] = q^(T-1-j),
-    from_state[n, i] = c q^(i+1), c = weight * out. `track_levels=False`: the scan's powers without autograd
-    (the hand-written backward differentiates through log_decay itself)."""
+    from_state[n, i] = c q^(i+1), c = weight * out. `residual` (D,): omega, added to lag 0 (y + omega * u).
+    `track_levels=False`: the scan's powers without autograd (the hand-written backward differentiates through
+    log_decay itself)."""
     log_q = torch.log(q).unsqueeze(-1)
     powers = torch.exp(torch.arange(chunk + 1, device=q.device, dtype=q.dtype) * log_q)  # q^0 .. q^T, (D, N, T+1)
     c = weight * out
     kernel = torch.bmm(c.unsqueeze(1), powers[..., :chunk]).squeeze(1)  # k[0 .. T-1], (D, T)
+    if residual is not None:
+        kernel = kernel + F.pad(residual.unsqueeze(-1), (0, chunk - 1))
     intra = _upper_toeplitz(kernel)
     log_decay = log_q.squeeze(-1) * chunk
     with torch.set_grad_enabled(track_levels and torch.is_grad_enabled()):
@@ -164,12 +168,12 @@ def _from_chunks(y: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 
 
 def _parts(coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bidirectional: bool, chunk: int,
-           chunks: int, track_levels: bool = True) -> list[Part]:
+           chunks: int, track_levels: bool = True, residual: Optional[torch.Tensor] = None) -> list[Part]:
     weight, q, out = coefficients
     if not bidirectional:
-        return [causal_part(weight, q, out, chunk, chunks, track_levels)]
+        return [causal_part(weight, q, out, chunk, chunks, track_levels, residual)]
     dim = weight.shape[0] // 2
-    return [causal_part(weight[:dim], q[:dim], out[:dim], chunk, chunks, track_levels),
+    return [causal_part(weight[:dim], q[:dim], out[:dim], chunk, chunks, track_levels, residual),
             turned(causal_part(weight[dim:], q[dim:], out[dim:], chunk, chunks, track_levels))]
 
 
@@ -188,15 +192,25 @@ def _convolve(x: torch.Tensor, parts: Sequence[Part], batch: int) -> torch.Tenso
     return y
 
 
+def _build_parts(coefficients: Callable, bidirectional: bool, chunk: int, chunks: int, has_residual: bool,
+                 dtype: torch.dtype, *params: torch.Tensor, track_levels: bool = True) -> list[Part]:
+    """The parts from the parameters: coefficients(*kernel parameters), and the residual weight last if any."""
+    residual = params[-1].to(dtype) if has_residual else None
+    kernel_params = params[:-1] if has_residual else params
+    return _parts(coefficients(*kernel_params), bidirectional, chunk, chunks, track_levels, residual)
+
+
 class _ChunkedEma(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u: torch.Tensor, chunk: int, bidirectional: bool, coefficients: Callable, *params):
+    def forward(ctx, u: torch.Tensor, chunk: int, bidirectional: bool, coefficients: Callable, has_residual: bool,
+                *params):
         batch, length, _ = u.shape
-        chunks = -(-length // chunk)
+        ctx.build = functools.partial(_build_parts, coefficients, bidirectional, chunk, -(-length // chunk),
+                                      has_residual, u.dtype)
         with torch.no_grad():
-            parts = _parts(coefficients(*params), bidirectional, chunk, chunks)
+            parts = ctx.build(*params)
         ctx.save_for_backward(u, *params)
-        ctx.chunk, ctx.chunks, ctx.bidirectional, ctx.coefficients = chunk, chunks, bidirectional, coefficients
+        ctx.chunk = chunk
         ctx.autocast = autocast_state(u.device.type)
         return _from_chunks(_convolve(_to_chunks(u, chunk), parts, batch), batch, length)
 
@@ -211,12 +225,10 @@ class _ChunkedEma(torch.autograd.Function):
     def _backward(ctx, grad: torch.Tensor):
         u, *params = ctx.saved_tensors
         batch, length = u.shape[0], u.shape[1]
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         need_params = any(needs)
         # the matrices again, from fresh leaves of the parameters: their graph carries gradients to them
-        parts, leaves = replay(
-            lambda *p: _parts(ctx.coefficients(*p), ctx.bidirectional, ctx.chunk, ctx.chunks, track_levels=False),
-            params, needs, ctx.autocast)
+        parts, leaves = replay(functools.partial(ctx.build, track_levels=False), params, needs, ctx.autocast)
         gy = _to_chunks(grad, ctx.chunk)  # (D, B*C, T)
         x = _to_chunks(u, ctx.chunk) if need_params else None
         # y = x @ intra + h^T @ from_state, h = scan(to_state @ x^T): each product's gradients by hand
@@ -246,24 +258,30 @@ class _ChunkedEma(torch.autograd.Function):
             found = iter(torch.autograd.grad(outputs, wanted, output_grads, allow_unused=True))
             grads = [next(found) if need else None for need in needs]
         grad_u = _from_chunks(grad_x, batch, length) if ctx.needs_input_grad[0] else None
-        return grad_u, None, None, None, *grads
+        return grad_u, None, None, None, None, *grads
 
 
 def chunked_ema(u: torch.Tensor, coefficients: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                params: Sequence[torch.Tensor], bidirectional: bool = False, chunk: int = CHUNK) -> torch.Tensor:
+                params: Sequence[torch.Tensor], bidirectional: bool = False, chunk: int = CHUNK,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The EMA's convolution of u (B, L, D), as a transposed (B, L, D) view: causal, or with `bidirectional` the
     causal one of the first D rows of the coefficients plus the anti-causal one of the other D (both with their
     lag 0). `coefficients(*params)` gives (input weight p*beta, decay q, output weight), each (D or 2D, N); it is
-    called again in backward, with autograd, and must give the same values. Keeps u and params for backward."""
-    return _ChunkedEma.apply(u, chunk_length(u.shape[1], chunk), bidirectional, coefficients, *params)
+    called again in backward, with autograd, and must give the same values. `residual` (D,): plus residual * u,
+    as part of lag 0 (no pass of its own, forward or backward). Keeps u, params and residual for backward."""
+    extra = () if residual is None else (residual,)
+    return _ChunkedEma.apply(u, chunk_length(u.shape[1], chunk), bidirectional, coefficients, residual is not None,
+                             *params, *extra)
 
 
 def chunked_ema_plain(u: torch.Tensor, coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                      bidirectional: bool = False, chunk: int = CHUNK) -> torch.Tensor:
+                      bidirectional: bool = False, chunk: int = CHUNK, residual: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """`chunked_ema` by plain differentiable ops: for torch.compile to trace, and for passes without autograd."""
     batch, length, _ = u.shape
     chunk = chunk_length(length, chunk)
-    parts = _parts(coefficients, bidirectional, chunk, -(-length // chunk))
+    parts = _parts(coefficients, bidirectional, chunk, -(-length // chunk),
+                   residual=None if residual is None else residual.to(u.dtype))
     return _from_chunks(_convolve(_to_chunks(u, chunk), parts, batch), batch, length)
 
 

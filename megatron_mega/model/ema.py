@@ -119,11 +119,7 @@ class MegaMultiDimensionDampedEma(nn.Module):
         state: (B, D, N) EMA state after the previous tokens. Returns silu(ema(x) + omega * x) and, when
         `return_state`, the state after the last token. `activate=False`: ema(x) + omega * x, the silu left to the
         caller (one that recomputes it in backward rather than keep its output)."""
-        # x * omega first, then the EMA added in place: the sum keeps x's (B, L, D) layout, where `residual + y`
-        # would take the layout of y, a transposed view out of the FFT, and hand a transposed tensor to everything
-        # downstream (each Linear would copy it first)
-        residual = x * self.residual_weight
-        # the FFT and the recurrence run in float32 for half precision inputs and in float64 for float64 inputs
+        # the convolution and the recurrence run in float32 for half precision inputs and in float64 for float64
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         u = x.to(compute_dtype)
         if mask is not None:
@@ -135,26 +131,41 @@ class MegaMultiDimensionDampedEma(nn.Module):
             if self.truncation is not None:
                 raise RuntimeError(
                     "an EMA with `truncation` has no finite recurrent state; decode with use_cache=False")
+        # the residual omega * x: without padding (where it reads x, not the zeroed u) it is part of the
+        # convolution's lag 0, with no pass of its own forward or backward
+        fold = not recurrent and mask is None
+        residual = None if fold else x * self.residual_weight
         # under autocast the kernel's matrix multiply would run in bfloat16 and round q^l to 3 digits: the decay
         # powers and the convolution stay in compute_dtype
         with torch.autocast(device_type=u.device.type, enabled=False):
-            y, new_state = self._recurrent(u, state) if recurrent else (self._convolve(u), None)
-        out = residual.add_(y.to(x.dtype))
+            if recurrent:
+                y, new_state = self._recurrent(u, state)
+            else:
+                y, new_state = self._convolve(u, self.residual_weight if fold else None), None
+        if fold:
+            # the convolution hands back a transposed view: one copy to x's (B, L, D) layout and dtype, so that no
+            # transposed tensor reaches the Linears downstream (each would copy it again)
+            out = y.contiguous() if y.dtype == x.dtype else y.to(x.dtype, memory_format=torch.contiguous_format)
+        else:
+            out = residual.add_(y.to(x.dtype))  # in place: the sum keeps x's layout
         return (F.silu(out) if activate else out), new_state
 
-    def _convolve(self, u: torch.Tensor) -> torch.Tensor:
-        """Full-sequence EMA. u: (B, L, D) -> (B, L, D) (a transposed view)."""
+    def _convolve(self, u: torch.Tensor, residual_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-sequence EMA, plus residual_weight * u if given. u: (B, L, D) -> (B, L, D) (a transposed view)."""
         params = self.kernel_parameters()
         if self.truncation is None:
             # the recurrence by chunks (model/chunked_ema.py): fewer bytes moved than the FFT's, and exact
             if recomputing():
                 # keeps u and the parameters for backward; the matrices are rebuilt from the parameters there
-                return chunked_ema(u, functools.partial(self._coefficients_of, u.dtype), params, self.bidirectional)
+                return chunked_ema(u, functools.partial(self._coefficients_of, u.dtype), params, self.bidirectional,
+                                   residual=residual_weight)
             # without autograd nothing is kept; under torch.compile the plain ops trace into the block's one graph
             # (tests/model/test_traceable.py) and the compiler decides what backward keeps or recomputes
-            return chunked_ema_plain(u, self._coefficients(u.dtype, params), self.bidirectional)
+            return chunked_ema_plain(u, self._coefficients(u.dtype, params), self.bidirectional,
+                                     residual=residual_weight)
         # a truncated kernel has no finite state: its convolution is by FFT
-        return self._fft_convolve(u, min(self.truncation, u.shape[1]))
+        y = self._fft_convolve(u, min(self.truncation, u.shape[1]))
+        return y if residual_weight is None else y + residual_weight.to(u.dtype) * u
 
     def _fft_convolve(self, u: torch.Tensor, k_len: int) -> torch.Tensor:
         """The EMA with its kernel cut to k_len lags, by FFT (model/fft_conv.py). u: (B, L, D) -> (B, L, D)."""

@@ -39,7 +39,7 @@ def test_ema_values_and_gradients_equal_the_fft_convolutions(bidirectional, leng
     def run(fft: bool):
         with monkeypatch.context() as patch:
             if fft:
-                patch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+                patch.setattr(ema, "_convolve", lambda u, r=None: fft_path(ema, u, r))
             ema.zero_grad(set_to_none=True)
             leaf = x.clone().requires_grad_()
             out, _ = ema(leaf)
@@ -152,3 +152,48 @@ def test_a_backward_inside_autocast_stays_in_float32(bidirectional):
 
     for a, b in zip(grads(True), grads(False)):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_the_residual_folded_into_lag_zero_is_the_residual_added(bidirectional):
+    # chunked_ema(..., residual=omega) = the convolution + omega * u: values and gradients (omega's included),
+    # through the autograd function, the plain ops and a gradcheck
+    ema = make_ema(bidirectional, hidden=8)
+    params, omega = ema.kernel_parameters(), ema.residual_weight
+    u = torch.randn(2, 150, 8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 150, 8, dtype=torch.float64)
+    want = chunked_ema(u, coefficients(ema), params, bidirectional, chunk=8) + omega * u
+    want_grads = torch.autograd.grad(want, [u, omega, *params], grad)
+    for got in (chunked_ema(u, coefficients(ema), params, bidirectional, chunk=8, residual=omega),
+                chunked_ema_plain(u, coefficients(ema)(*params), bidirectional, chunk=8, residual=omega)):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        for a, b in zip(torch.autograd.grad(got, [u, omega, *params], grad), want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11 * float(b.abs().max()))
+    small = make_ema(bidirectional, hidden=2)
+    inputs = (torch.randn(2, 11, 2, dtype=torch.float64, requires_grad=True), small.residual_weight,
+              *small.kernel_parameters())
+    assert torch.autograd.gradcheck(
+        lambda u, r, *p: chunked_ema(u, coefficients(small), p, bidirectional, chunk=3, residual=r), inputs)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_the_ema_without_padding_equals_the_ema_with_an_all_true_mask(bidirectional):
+    # no mask: the residual is folded into the convolution; an all-true mask takes the separate residual. Same
+    # outputs and gradients, in the layer's (B, L, D) layout
+    ema = make_ema(bidirectional, dtype=torch.float32)
+    x = torch.randn(2, 100, 32)
+    grad = torch.randn(2, 100, 32)
+
+    def run(mask):
+        ema.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        out, _ = ema(leaf, mask)
+        out.backward(grad)
+        return [out.detach(), leaf.grad] + [p.grad for p in ema.parameters()], out
+
+    (folded, out), (separate, _) = run(None), run(torch.ones(2, 100, dtype=torch.bool))
+    assert out.is_contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bfloat16 input: the copy casts it back
+        assert ema(x.bfloat16())[0].is_contiguous()
+    for a, b in zip(folded, separate):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))

@@ -25,7 +25,13 @@ def make_ema(bidirectional: bool, truncation=None, dtype=torch.float64, hidden=3
     return ema.to(dtype)
 
 
-def kernel_kept(ema: MegaMultiDimensionDampedEma, u: torch.Tensor, handed: list | None = None) -> torch.Tensor:
+def with_residual(y: torch.Tensor, u: torch.Tensor, residual_weight) -> torch.Tensor:
+    """What the EMA's `_convolve` adds when handed the residual weight (the EMA folds omega * x in without padding)."""
+    return y if residual_weight is None else y + residual_weight.to(u.dtype) * u
+
+
+def kernel_kept(ema: MegaMultiDimensionDampedEma, u: torch.Tensor, handed: list | None = None,
+                residual_weight=None) -> torch.Tensor:
     """The EMA's convolution as it was before the kernel was rebuilt in backward: the kernel built with autograd
     and handed to `fft_convolution` as a tensor, which keeps it (and is appended to `handed`)."""
     handed = [] if handed is None else handed
@@ -39,14 +45,15 @@ def kernel_kept(ema: MegaMultiDimensionDampedEma, u: torch.Tensor, handed: list 
                  kernel.new_zeros(dim, n - 2 * k_len + 1), backward[:, 1:].flip(-1)]
         kernel = torch.cat(parts, dim=1)
         handed.append(kernel)
-        return fft_convolution(u, kernel)
+        return with_residual(fft_convolution(u, kernel), u, residual_weight)
     handed.append(kernel)
-    return fft_convolution(u, kernel, n)
+    return with_residual(fft_convolution(u, kernel, n), u, residual_weight)
 
 
-def fft_path(ema: MegaMultiDimensionDampedEma, u: torch.Tensor) -> torch.Tensor:
-    """The EMA's FFT convolution, also where it takes the chunked recurrence (no truncation)."""
-    return ema._fft_convolve(u, u.shape[1] if ema.truncation is None else min(ema.truncation, u.shape[1]))
+def fft_path(ema: MegaMultiDimensionDampedEma, u: torch.Tensor, residual_weight=None) -> torch.Tensor:
+    """The EMA's FFT convolution, also where it takes the chunked recurrence (no truncation): its `_convolve`."""
+    y = ema._fft_convolve(u, u.shape[1] if ema.truncation is None else min(ema.truncation, u.shape[1]))
+    return with_residual(y, u, residual_weight)
 
 
 def forward_backward(ema, x, old: bool, monkeypatch, autocast: str = ""):
@@ -55,7 +62,8 @@ def forward_backward(ema, x, old: bool, monkeypatch, autocast: str = ""):
     forward_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast))
     backward_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "both")
     with monkeypatch.context() as patch:
-        patch.setattr(ema, "_convolve", (lambda u: kernel_kept(ema, u)) if old else (lambda u: fft_path(ema, u)))
+        old_path = lambda u, r=None: kernel_kept(ema, u, residual_weight=r)  # noqa: E731
+        patch.setattr(ema, "_convolve", old_path if old else (lambda u, r=None: fft_path(ema, u, r)))
         x = x.detach().requires_grad_()
         ema.zero_grad(set_to_none=True)
         with forward_ctx:
@@ -100,7 +108,7 @@ def test_rebuilt_kernel_under_autocast(bidirectional, autocast, monkeypatch):
 def test_without_autograd_the_plain_path_gives_the_same_values(monkeypatch):
     # no_grad builds the kernel and hands it over as a tensor (as torch.compile does): nothing to keep
     ema = make_ema(True, dtype=torch.float32)
-    monkeypatch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+    monkeypatch.setattr(ema, "_convolve", lambda u, r=None: fft_path(ema, u, r))
     x = torch.randn(2, 30, 32)
     with torch.no_grad():
         plain, _ = ema(x)
@@ -132,7 +140,7 @@ def test_built_convolution_gradcheck(wanted):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
 def test_ema_gradcheck_through_the_rebuilt_kernel(bidirectional, truncation, monkeypatch):
     ema = make_ema(bidirectional, truncation, hidden=4)
-    monkeypatch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+    monkeypatch.setattr(ema, "_convolve", lambda u, r=None: fft_path(ema, u, r))
     names = [n for n, _ in ema.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in ema.parameters()]
     x = torch.randn(2, 9, 4, dtype=torch.float64, requires_grad=True)
@@ -181,11 +189,11 @@ def test_ema_keeps_the_kernel_no_more(bidirectional, truncation, monkeypatch):
         return sum(nbytes for ptr, nbytes in kept.items() if ptr not in ignored)
 
     with monkeypatch.context() as patch:
-        patch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+        patch.setattr(ema, "_convolve", lambda u, r=None: fft_path(ema, u, r))
         new = layer_bytes(lambda: ema(x))
     handed = []
     with monkeypatch.context() as patch:
-        patch.setattr(ema, "_convolve", lambda u: kernel_kept(ema, u, handed))
+        patch.setattr(ema, "_convolve", lambda u, r=None: kernel_kept(ema, u, handed, r))
         old = layer_bytes(lambda: ema(x))
     (kernel,) = handed
     k_len = 50 if truncation is None else truncation
@@ -213,10 +221,10 @@ def test_ema_with_frozen_kernel_parameters_keeps_exactly_one_kernel_less(bidirec
         return sum(nbytes for ptr, nbytes in kept.items() if ptr not in ignored)
 
     with monkeypatch.context() as patch:
-        patch.setattr(ema, "_convolve", lambda u: fft_path(ema, u))
+        patch.setattr(ema, "_convolve", lambda u, r=None: fft_path(ema, u, r))
         new = layer_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(ema, "_convolve", lambda u: kernel_kept(ema, u))
+        patch.setattr(ema, "_convolve", lambda u, r=None: kernel_kept(ema, u, residual_weight=r))
         old = layer_bytes()
     assert old - new == 32 * (_fft_size(127) if bidirectional else 64) * 4
 
