@@ -70,6 +70,15 @@ def chunk_length(length: int, chunk: int = CHUNK) -> int:
     return max(1, min(chunk, length))
 
 
+def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x zero-padded at the end of its last dimension to `size`, contiguous. Traced by torch.compile, without a
+    branch on whether anything is added (a branch on the sequence length becomes a guard, and every length that
+    takes the other side a new graph)."""
+    if torch.compiler.is_compiling():
+        return F.pad(x, (0, size - x.shape[-1])).contiguous()
+    return F.pad(x, (0, size - x.shape[-1])) if size != x.shape[-1] else x.contiguous()
+
+
 def _upper_toeplitz(values: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (..., n, n) with [j, i] = values[i - j] for i >= j, else 0: windows of the values padded on the
     left with zeros, rows reversed (a padding and a copy; no index tensors, no exponentials of the whole matrix)."""
@@ -80,11 +89,13 @@ def _upper_toeplitz(values: torch.Tensor) -> torch.Tensor:
 def _scan_levels(log_decay: torch.Tensor, steps: int) -> tuple[ScanLevel, ...]:
     levels = []
     while True:
-        size = min(steps, _GROUP)
         powers = torch.exp(torch.arange(_GROUP, device=log_decay.device, dtype=log_decay.dtype)
                            * log_decay.unsqueeze(-1))  # r^0 .. r^(G-1), (D, N, G)
-        # [c', c] = r^(c - 1 - c') above the diagonal: the Toeplitz matrix of (0, r^0, .., r^(size-2))
-        matrix = _upper_toeplitz(F.pad(powers[..., :size - 1], (1, 0)))
+        # [c', c] = r^(c - 1 - c') above the diagonal: the Toeplitz matrix of (0, r^0, .., r^(G-2)). Always
+        # G x G, also where fewer steps are left (its top-left corner is theirs; traced by torch.compile the scan
+        # pads them instead, so that every sequence length with as many levels has the same graph, not one per
+        # 64-token band)
+        matrix = _upper_toeplitz(F.pad(powers[..., :-1], (1, 0)))
         if steps <= _GROUP:
             levels.append(ScanLevel(matrix, None))
             return tuple(levels)
@@ -128,12 +139,13 @@ def _scan(s: torch.Tensor, levels: Sequence[ScanLevel], reverse: bool) -> torch.
     matrix, powers = levels[0]
     if reverse:
         matrix = matrix.transpose(-1, -2)
-    if powers is None:
-        return torch.matmul(s, matrix)
     dim, n, rows, steps = s.shape
+    if powers is None:  # the last level, at most _GROUP steps
+        if torch.compiler.is_compiling():  # padded to the whole matrix: one graph for any number of steps
+            return torch.matmul(_padded(s, _GROUP), matrix)[..., :steps]
+        return torch.matmul(s, matrix[..., :steps, :steps])
     groups = -(-steps // _GROUP)
-    if groups * _GROUP != steps:
-        s = F.pad(s, (0, groups * _GROUP - steps))  # zeros after the end: no state for an earlier chunk
+    s = _padded(s, groups * _GROUP)  # zeros after the end: no state for an earlier chunk
     s = s.reshape(dim, n, rows * groups, _GROUP)
     local = torch.matmul(s, matrix)
     # what each group hands on: its chunks decayed to its far end (r^(G-1-i), or r^i in reverse)
@@ -149,7 +161,12 @@ def _states(x: torch.Tensor, part: Part, batch: int) -> torch.Tensor:
     """The state entering each chunk, (D, N, B*C), for chunk rows x (D, B*C, T)."""
     s = torch.bmm(part.to_state, x.transpose(1, 2))  # each chunk's own contribution, (D, N, B*C)
     dim, n, rows = s.shape
-    return _scan(s.view(dim, n, batch, rows // batch), part.levels, part.reverse).reshape(dim, n, rows)
+    h = _scan(s.view(dim, n, batch, rows // batch), part.levels, part.reverse)
+    if torch.compiler.is_compiling():
+        # a copy whatever the length: reshape copies unless the scan's padding was empty, and that test would be
+        # a guard on the length (a graph per side)
+        h = h.clone(memory_format=torch.contiguous_format)
+    return h.reshape(dim, n, rows)
 
 
 def _to_chunks(u: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -157,9 +174,7 @@ def _to_chunks(u: torch.Tensor, chunk: int) -> torch.Tensor:
     no causal output, and contributes nothing anti-causally)."""
     batch, length, dim = u.shape
     chunks = -(-length // chunk)
-    x = u.permute(2, 0, 1)
-    x = F.pad(x, (0, chunks * chunk - length)) if chunks * chunk != length else x.contiguous()
-    return x.view(dim, batch * chunks, chunk)
+    return _padded(u.permute(2, 0, 1), chunks * chunk).view(dim, batch * chunks, chunk)
 
 
 def _from_chunks(y: torch.Tensor, batch: int, length: int) -> torch.Tensor:
@@ -207,12 +222,12 @@ class _ChunkedEma(torch.autograd.Function):
         batch, length, _ = u.shape
         ctx.build = functools.partial(_build_parts, coefficients, bidirectional, chunk, -(-length // chunk),
                                       has_residual, u.dtype)
-        with torch.no_grad():
-            parts = ctx.build(*params)
         ctx.save_for_backward(u, *params)
         ctx.chunk = chunk
         ctx.autocast = autocast_state(u.device.type)
-        return _from_chunks(_convolve(_to_chunks(u, chunk), parts, batch), batch, length)
+        with torch.no_grad(), torch.autocast(u.device.type, enabled=False):  # the products in u's dtype
+            parts = ctx.build(*params)
+            return _from_chunks(_convolve(_to_chunks(u, chunk), parts, batch), batch, length)
 
     @staticmethod
     @once_differentiable
@@ -226,13 +241,13 @@ class _ChunkedEma(torch.autograd.Function):
         u, *params = ctx.saved_tensors
         batch, length = u.shape[0], u.shape[1]
         needs = ctx.needs_input_grad[5:]
-        need_params = any(needs)
+        need_u, need_params = ctx.needs_input_grad[0], any(needs)
         # the matrices again, from fresh leaves of the parameters: their graph carries gradients to them
         parts, leaves = replay(functools.partial(ctx.build, track_levels=False), params, needs, ctx.autocast)
         gy = _to_chunks(grad, ctx.chunk)  # (D, B*C, T)
         x = _to_chunks(u, ctx.chunk) if need_params else None
         # y = x @ intra + h^T @ from_state, h = scan(to_state @ x^T): each product's gradients by hand
-        grad_x = torch.bmm(gy, _intra(parts).detach().transpose(1, 2))
+        grad_x = torch.bmm(gy, _intra(parts).detach().transpose(1, 2)) if need_u else None
         grad_intra = torch.bmm(x.transpose(1, 2), gy) if need_params else None
         outputs, output_grads = [], []
         for part in parts:
@@ -242,7 +257,8 @@ class _ChunkedEma(torch.autograd.Function):
                 dim, n, rows = grad_h.shape
                 # the scan's transpose is the scan the other way
                 grad_s = _scan(grad_h.view(dim, n, batch, -1), part.levels, not part.reverse).reshape(dim, n, rows)
-                grad_x = torch.baddbmm(grad_x, grad_s.transpose(1, 2), to_state)
+                if need_u:
+                    grad_x = torch.baddbmm(grad_x, grad_s.transpose(1, 2), to_state)
             if need_params:
                 outputs.append(part.intra)
                 output_grads.append(grad_intra)
@@ -257,7 +273,7 @@ class _ChunkedEma(torch.autograd.Function):
             wanted = [leaf for leaf, need in zip(leaves, needs) if need]
             found = iter(torch.autograd.grad(outputs, wanted, output_grads, allow_unused=True))
             grads = [next(found) if need else None for need in needs]
-        grad_u = _from_chunks(grad_x, batch, length) if ctx.needs_input_grad[0] else None
+        grad_u = _from_chunks(grad_x, batch, length) if need_u else None
         return grad_u, None, None, None, None, *grads
 
 

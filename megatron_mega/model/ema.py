@@ -72,7 +72,9 @@ class MegaMultiDimensionDampedEma(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         damping, decay, expansion, projection = params
         p = torch.sigmoid(damping.to(dtype)).squeeze(-1)
-        q = 1.0 - p * torch.sigmoid(decay.to(dtype)).squeeze(-1)
+        # q = 1 - p a rounds to 0 when both sigmoids round to 1 (damping and decay ~17 in float32): log q would be
+        # -inf and q^0 = exp(0 * log q) NaN; the smallest positive q gives the same outputs, finite
+        q = (1.0 - p * torch.sigmoid(decay.to(dtype)).squeeze(-1)).clamp_min(torch.finfo(dtype).tiny)
         return p * expansion.to(dtype).squeeze(-1), q, projection.to(dtype) * self.scale
 
     def kernel(self, length: int, dtype: torch.dtype, params: Optional[tuple[torch.Tensor, ...]] = None

@@ -197,3 +197,40 @@ def test_the_ema_without_padding_equals_the_ema_with_an_all_true_mask(bidirectio
         assert ema(x.bfloat16())[0].is_contiguous()
     for a, b in zip(folded, separate):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_compiled_once_for_every_length_with_as_many_scan_levels(bidirectional):
+    # torch.compile with dynamic shapes traces the EMA once for all lengths of 65-1024 tokens (2-16 chunks: one
+    # scan level), not once per 64-token band: no branch on the length's remainders, the scan's matrices of one
+    # shape (dynamo only: what it would hand a compiler, counted)
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    ema = make_ema(bidirectional, dtype=torch.float32, hidden=8)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x: ema(x)[0], backend=counter, dynamic=True, fullgraph=True)
+    for length in (150, 200, 320, 1000):
+        x = torch.randn(2, length, 8, requires_grad=True)
+        compiled(x).sum().backward()
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional"])
+def test_decays_that_round_to_zero_stay_finite(bidirectional):
+    # damping and decay of 40: both sigmoids are 1.0 in float32, so q = 1 - p a is 0; log q must not make NaN
+    ema = make_ema(bidirectional, dtype=torch.float32, hidden=8)
+    with torch.no_grad():
+        ema.damping_factor.fill_(40.0)
+        ema.decay_factor.fill_(40.0)
+    x = torch.randn(2, 100, 8, requires_grad=True)
+    out, _ = ema(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in ema.parameters())
+    if not bidirectional:  # and decoding agrees: prefill then a step, against the whole sequence
+        with torch.no_grad():
+            head, state = ema(x[:, :99], return_state=True)
+            step, _ = ema(x[:, 99:], state=state, return_state=True)
+        torch.testing.assert_close(torch.cat([head, step], 1), out.detach(), rtol=1e-5, atol=1e-5)
