@@ -302,17 +302,20 @@ def chunked_ema_plain(u: torch.Tensor, coefficients: tuple[torch.Tensor, torch.T
 
 
 def chunked_ema_with_state(u: torch.Tensor, coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                           state: Optional[torch.Tensor], chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                           state: Optional[torch.Tensor], chunk: int = CHUNK, residual: Optional[torch.Tensor] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """A causal EMA of u (B, L, D) continuing from `state` (B, D, N) (None: from rest), and its state after the
     last token: the prefill of cached decoding. By the same chunked products, so nothing of L x N per channel is
     built (the powers q^0 .. q^L would be (D, N, L) floats: 4 GiB at 64k tokens and the GPU anchor's widths).
-    Plain differentiable ops. Returns (y as a transposed (B, L, D) view, the new state (B, D, N))."""
+    `residual` (D,): plus residual * u, as `chunked_ema_plain` adds it. From rest, y is `chunked_ema_plain`'s to
+    the bit (the same operations). Plain differentiable ops. Returns (y as a transposed (B, L, D) view, the new
+    state (B, D, N))."""
     weight, q, out = coefficients
     batch, length, dim = u.shape
     n = q.shape[1]
     chunk = chunk_length(length, chunk)
     chunks = -(-length // chunk)
-    part = causal_part(weight, q, out, chunk, chunks)
+    part = causal_part(weight, q, out, chunk, chunks, residual=None if residual is None else residual.to(u.dtype))
     x = _to_chunks(u, chunk)
     y = torch.bmm(x, part.intra)
     log_q = torch.log(q).unsqueeze(-1)

@@ -135,15 +135,16 @@ class MegaMultiDimensionDampedEma(nn.Module):
                     "an EMA with `truncation` has no finite recurrent state; decode with use_cache=False")
         # the residual omega * x: without padding (where it reads x, not the zeroed u) it is part of the
         # convolution's lag 0, with no pass of its own forward or backward
-        fold = not recurrent and mask is None
+        fold = mask is None
         residual = None if fold else x * self.residual_weight
+        folded = self.residual_weight if fold else None
         # under autocast the kernel's matrix multiply would run in bfloat16 and round q^l to 3 digits: the decay
         # powers and the convolution stay in compute_dtype
         with torch.autocast(device_type=u.device.type, enabled=False):
             if recurrent:
-                y, new_state = self._recurrent(u, state)
+                y, new_state = self._recurrent(u, state, folded)
             else:
-                y, new_state = self._convolve(u, self.residual_weight if fold else None), None
+                y, new_state = self._convolve(u, folded), None
         if fold:
             # the convolution hands back a transposed view: one copy to x's (B, L, D) layout and dtype, so that no
             # transposed tensor reaches the Linears downstream (each would copy it again)
@@ -185,8 +186,10 @@ class MegaMultiDimensionDampedEma(nn.Module):
     def _coefficients_of(self, dtype: torch.dtype, *params: torch.Tensor):
         return self._coefficients(dtype, params)
 
-    def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal EMA continuing from `state`. u: (B, L, D); state: (B, D, N) or None."""
+    def _recurrent(self, u: torch.Tensor, state: Optional[torch.Tensor], residual_weight: Optional[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal EMA continuing from `state`, plus residual_weight * u if given. u: (B, L, D); state: (B, D, N) or
+        None."""
         weight, q, out = self.coefficients(u.dtype)  # (D, N) each
         length = u.shape[1]
         if length == 1:
@@ -194,6 +197,8 @@ class MegaMultiDimensionDampedEma(nn.Module):
             h = weight * u[:, 0, :, None]
             if state is not None:
                 h = h + q * state.to(u.dtype)
-            return torch.einsum("bdn,dn->bd", h, out).unsqueeze(1), h
-        # a prefill: the chunked recurrence, which also gives the state after the last token (model/chunked_ema.py)
-        return chunked_ema_with_state(u, (weight, q, out), state)
+            y = torch.einsum("bdn,dn->bd", h, out).unsqueeze(1)
+            return (y if residual_weight is None else torch.addcmul(y, u, residual_weight.to(u.dtype))), h
+        # a prefill: the chunked recurrence, which also gives the state after the last token (model/chunked_ema.py);
+        # from rest, its outputs are the full-sequence path's to the bit
+        return chunked_ema_with_state(u, (weight, q, out), state, residual=residual_weight)

@@ -234,3 +234,14 @@ def test_decays_that_round_to_zero_stay_finite(bidirectional):
             head, state = ema(x[:, :99], return_state=True)
             step, _ = ema(x[:, 99:], state=state, return_state=True)
         torch.testing.assert_close(torch.cat([head, step], 1), out.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_from_rest_gives_the_full_sequence_outputs_to_the_bit():
+    # generate's first pass (return_state) and a pass without cache run the same products: a model's hidden states
+    # with and without use_cache are equal, not only close (tests/convert compares them bit for bit)
+    ema = make_ema(False, dtype=torch.float32)
+    x = torch.randn(2, 300, 32)
+    with torch.no_grad():
+        plain, _ = ema(x)
+        prefill, state = ema(x, return_state=True)
+    assert torch.equal(plain, prefill) and state.shape == (2, 32, ema.ndim)
