@@ -54,11 +54,12 @@ class ScanLevel(NamedTuple):
 
 
 class Part(NamedTuple):
-    """One direction of the EMA, oriented: x @ intra multiplies chunk rows by the Toeplitz kernel (D, T, T);
-    to_state (D, N, T) takes a chunk to its state, from_state (D, N, T) a state into the next chunk; log_decay
-    (D, N) is the log of r, the decay over a whole chunk; levels, the scan's powers of r; reverse: anti-causal."""
+    """One direction of the EMA: kernel (D, T), its first T lags (the within-chunk matrix is built from all
+    directions' kernels at once, `_intra`); oriented, to_state (D, N, T) takes a chunk to its state, from_state
+    (D, N, T) a state into the next chunk; log_decay (D, N) is the log of r, the decay over a whole chunk; levels,
+    the scan's powers of r; reverse: anti-causal."""
 
-    intra: torch.Tensor
+    kernel: torch.Tensor
     to_state: torch.Tensor
     from_state: torch.Tensor
     log_decay: torch.Tensor
@@ -91,11 +92,11 @@ def _scan_levels(log_decay: torch.Tensor, steps: int) -> tuple[ScanLevel, ...]:
     while True:
         powers = torch.exp(torch.arange(_GROUP, device=log_decay.device, dtype=log_decay.dtype)
                            * log_decay.unsqueeze(-1))  # r^0 .. r^(G-1), (D, N, G)
-        # [c', c] = r^(c - 1 - c') above the diagonal: the Toeplitz matrix of (0, r^0, .., r^(G-2)). Always
-        # G x G, also where fewer steps are left (its top-left corner is theirs; traced by torch.compile the scan
-        # pads them instead, so that every sequence length with as many levels has the same graph, not one per
-        # 64-token band)
-        matrix = _upper_toeplitz(F.pad(powers[..., :-1], (1, 0)))
+        # [c', c] = r^(c - 1 - c') above the diagonal: the Toeplitz matrix of (0, r^0, .., r^(size-2)). Traced by
+        # torch.compile it is G x G also where fewer steps are left (the scan pads them), so that every sequence
+        # length with as many levels has the same graph, not one per 64-token band
+        size = _GROUP if torch.compiler.is_compiling() else min(steps, _GROUP)
+        matrix = _upper_toeplitz(F.pad(powers[..., :size - 1], (1, 0)))
         if steps <= _GROUP:
             levels.append(ScanLevel(matrix, None))
             return tuple(levels)
@@ -117,17 +118,16 @@ def causal_part(weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, chunk:
     kernel = torch.bmm(c.unsqueeze(1), powers[..., :chunk]).squeeze(1)  # k[0 .. T-1], (D, T)
     if residual is not None:
         kernel = kernel + F.pad(residual.unsqueeze(-1), (0, chunk - 1))
-    intra = _upper_toeplitz(kernel)
     log_decay = log_q.squeeze(-1) * chunk
     with torch.set_grad_enabled(track_levels and torch.is_grad_enabled()):
         levels = _scan_levels(log_decay, chunks) if chunks > 1 else ()
-    return Part(intra, powers[..., :chunk].flip(-1), c.unsqueeze(-1) * powers[..., 1:], log_decay, levels, False)
+    return Part(kernel, powers[..., :chunk].flip(-1), c.unsqueeze(-1) * powers[..., 1:], log_decay, levels, False)
 
 
 def turned(part: Part) -> Part:
     """The EMA with the same kernel in the other direction (time reversed within each chunk and across chunks):
     the transposed convolution."""
-    return part._replace(intra=part.intra.transpose(1, 2), to_state=part.to_state.flip(-1),
+    return part._replace(to_state=part.to_state.flip(-1),
                          from_state=part.from_state.flip(-1), reverse=not part.reverse)
 
 
@@ -143,7 +143,7 @@ def _scan(s: torch.Tensor, levels: Sequence[ScanLevel], reverse: bool) -> torch.
     if powers is None:  # the last level, at most _GROUP steps
         if torch.compiler.is_compiling():  # padded to the whole matrix: one graph for any number of steps
             return torch.matmul(_padded(s, _GROUP), matrix)[..., :steps]
-        return torch.matmul(s, matrix[..., :steps, :steps])
+        return torch.matmul(s, matrix)
     groups = -(-steps // _GROUP)
     s = _padded(s, groups * _GROUP)  # zeros after the end: no state for an earlier chunk
     s = s.reshape(dim, n, rows * groups, _GROUP)
@@ -193,9 +193,20 @@ def _parts(coefficients: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bidire
 
 
 def _intra(parts: Sequence[Part]) -> torch.Tensor:
-    """The within-chunk matrix of all directions at once: they multiply the same rows (a bidirectional EMA's is
-    a full Toeplitz matrix, lag 0 counted in both)."""
-    return parts[0].intra if len(parts) == 1 else parts[0].intra + parts[1].intra
+    """The within-chunk matrix of all directions at once, (D, T, T), x @ intra: [j, i] = the kernel at lag i - j,
+    the causal direction's above the diagonal, the anti-causal one's below, lag 0 the sum of both. They multiply
+    the same rows, so one Toeplitz matrix from the two-sided kernel does for both (one copy, no sum of two)."""
+    causal = [p.kernel for p in parts if not p.reverse]
+    anti = [p.kernel.flip(-1) for p in parts if p.reverse]  # lags T-1 .. 0
+    chunk = parts[0].kernel.shape[-1]
+    if not anti:
+        lags = F.pad(causal[0], (chunk - 1, 0))
+    elif not causal:
+        lags = F.pad(anti[0], (0, chunk - 1))
+    else:
+        lags = torch.cat([anti[0][:, :-1], anti[0][:, -1:] + causal[0][:, :1], causal[0][:, 1:]], -1)
+    # lags[T - 1 + m] is lag m: windows of it, rows reversed, put lag i - j at [j, i]
+    return lags.unfold(-1, chunk, 1).flip(-2)
 
 
 def _convolve(x: torch.Tensor, parts: Sequence[Part], batch: int) -> torch.Tensor:
@@ -247,9 +258,13 @@ class _ChunkedEma(torch.autograd.Function):
         gy = _to_chunks(grad, ctx.chunk)  # (D, B*C, T)
         x = _to_chunks(u, ctx.chunk) if need_params else None
         # y = x @ intra + h^T @ from_state, h = scan(to_state @ x^T): each product's gradients by hand
-        grad_x = torch.bmm(gy, _intra(parts).detach().transpose(1, 2)) if need_u else None
-        grad_intra = torch.bmm(x.transpose(1, 2), gy) if need_params else None
+        with torch.set_grad_enabled(need_params):
+            intra = _intra(parts)
+        grad_x = torch.bmm(gy, intra.detach().transpose(1, 2)) if need_u else None
         outputs, output_grads = [], []
+        if need_params:
+            outputs.append(intra)
+            output_grads.append(torch.bmm(x.transpose(1, 2), gy))
         for part in parts:
             to_state, from_state = part.to_state.detach(), part.from_state.detach()
             if part.levels:
@@ -259,15 +274,12 @@ class _ChunkedEma(torch.autograd.Function):
                 grad_s = _scan(grad_h.view(dim, n, batch, -1), part.levels, not part.reverse).reshape(dim, n, rows)
                 if need_u:
                     grad_x = torch.baddbmm(grad_x, grad_s.transpose(1, 2), to_state)
-            if need_params:
-                outputs.append(part.intra)
-                output_grads.append(grad_intra)
-                if part.levels:
-                    h = _states(x, part, batch)
-                    # h[c] = r h[c-1] + s[c-1]: dL/dr = sum over chunks of dL/ds[c] h[c], either direction
-                    grad_log_decay = torch.linalg.vecdot(grad_s, h).mul_(torch.exp(part.log_decay.detach()))
-                    outputs += [part.from_state, part.to_state, part.log_decay]
-                    output_grads += [torch.bmm(h, gy), torch.bmm(grad_s, x), grad_log_decay]
+            if need_params and part.levels:
+                h = _states(x, part, batch)
+                # h[c] = r h[c-1] + s[c-1]: dL/dr = sum over chunks of dL/ds[c] h[c], either direction
+                grad_log_decay = torch.linalg.vecdot(grad_s, h).mul_(torch.exp(part.log_decay.detach()))
+                outputs += [part.from_state, part.to_state, part.log_decay]
+                output_grads += [torch.bmm(h, gy), torch.bmm(grad_s, x), grad_log_decay]
         grads = [None] * len(params)
         if need_params:
             wanted = [leaf for leaf, need in zip(leaves, needs) if need]
@@ -317,7 +329,7 @@ def chunked_ema_with_state(u: torch.Tensor, coefficients: tuple[torch.Tensor, to
     chunks = -(-length // chunk)
     part = causal_part(weight, q, out, chunk, chunks, residual=None if residual is None else residual.to(u.dtype))
     x = _to_chunks(u, chunk)
-    y = torch.bmm(x, part.intra)
+    y = torch.bmm(x, _intra([part]))
     log_q = torch.log(q).unsqueeze(-1)
     tail = length - (chunks - 1) * chunk  # tokens in the last chunk
     # the last chunk's tokens decayed to its last token, sum_j q^(tail-1-j) u[j] (zero weight for the padding)
