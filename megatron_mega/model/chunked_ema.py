@@ -80,11 +80,16 @@ def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (0, size - x.shape[-1])) if size != x.shape[-1] else x.contiguous()
 
 
+def _toeplitz(lags: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., 2n - 1) two-sided lags, lags[n - 1 + m] = lag m -> (..., n, n) with [j, i] = lag i - j: windows of the
+    lags, rows reversed (one copy; no index tensors, no exponentials of the whole matrix)."""
+    return lags.unfold(-1, n, 1).flip(-2)
+
+
 def _upper_toeplitz(values: torch.Tensor) -> torch.Tensor:
-    """(..., n) -> (..., n, n) with [j, i] = values[i - j] for i >= j, else 0: windows of the values padded on the
-    left with zeros, rows reversed (a padding and a copy; no index tensors, no exponentials of the whole matrix)."""
+    """(..., n) -> (..., n, n) with [j, i] = values[i - j] for i >= j, else 0."""
     n = values.shape[-1]
-    return F.pad(values, (n - 1, 0)).unfold(-1, n, 1).flip(-2)
+    return _toeplitz(F.pad(values, (n - 1, 0)), n)
 
 
 def _scan_levels(log_decay: torch.Tensor, steps: int) -> tuple[ScanLevel, ...]:
@@ -108,7 +113,7 @@ def _scan_levels(log_decay: torch.Tensor, steps: int) -> tuple[ScanLevel, ...]:
 def causal_part(weight: torch.Tensor, q: torch.Tensor, out: torch.Tensor, chunk: int, chunks: int,
                 track_levels: bool = True, residual: Optional[torch.Tensor] = None) -> Part:
     """A causal EMA with input weights `weight`, decays `q` and output weights `out`, each (D, N), over `chunks`
-    chunks of `chunk` tokens: intra[j, i] = k[i - j] (zero for j > i), to_state[n, j] = q^(T-1-j),
+    chunks of `chunk` tokens: kernel[l] = sum_n c q^l for l < T, to_state[n, j] = q^(T-1-j),
     from_state[n, i] = c q^(i+1), c = weight * out. `residual` (D,): omega, added to lag 0 (y + omega * u).
     `track_levels=False`: the scan's powers without autograd (the hand-written backward differentiates through
     log_decay itself)."""
@@ -200,13 +205,12 @@ def _intra(parts: Sequence[Part]) -> torch.Tensor:
     anti = [p.kernel.flip(-1) for p in parts if p.reverse]  # lags T-1 .. 0
     chunk = parts[0].kernel.shape[-1]
     if not anti:
-        lags = F.pad(causal[0], (chunk - 1, 0))
-    elif not causal:
+        return _upper_toeplitz(causal[0])
+    if not causal:
         lags = F.pad(anti[0], (0, chunk - 1))
     else:
         lags = torch.cat([anti[0][:, :-1], anti[0][:, -1:] + causal[0][:, :1], causal[0][:, 1:]], -1)
-    # lags[T - 1 + m] is lag m: windows of it, rows reversed, put lag i - j at [j, i]
-    return lags.unfold(-1, chunk, 1).flip(-2)
+    return _toeplitz(lags, chunk)
 
 
 def _convolve(x: torch.Tensor, parts: Sequence[Part], batch: int) -> torch.Tensor:
