@@ -9,6 +9,10 @@ A causal MegaForCausalLM (default: the CPU anchor widths, H=256, 4 layers, z=64,
 a random context with the cache, then takes `--steps` single-token steps; the median step time is the per-token
 latency. With chunking a step attends to the open chunk only and the EMA carries the rest in a (B, D, N) state, so
 the latency must not grow with the context; without chunking it attends to the whole context and grows linearly.
+
+Each context is measured with every `--modes` entry in turn: `dynamic` (the cache of model/cache.py that grows
+by concatenation), `static` (the fixed-size buffers of MegaStaticCache, eager) and, on CUDA, `graph` (the static step
+replayed as one CUDA graph, model/decode_graph.py): the same tokens, told apart by how a step is launched.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 import torch
 
 from megatron_mega import MegaConfig, MegaForCausalLM
+from megatron_mega.model.cache import MegaStaticCache
+from megatron_mega.model.decode_graph import CudaGraphStep
 
 
 def _sync(device: torch.device) -> None:
@@ -27,7 +33,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: MegaForCausalLM, context: int, steps: int, seed: int = 0) -> dict:
+def measure(model: MegaForCausalLM, context: int, steps: int, mode: str = "dynamic", seed: int = 0) -> dict:
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (1, context), generator=generator).to(device)
@@ -40,16 +46,26 @@ def measure(model: MegaForCausalLM, context: int, steps: int, seed: int = 0) -> 
         _sync(device)
         prefill = time.perf_counter() - started
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cached_keys = cache[0].key.shape[1]
+        graph = None
+        if mode != "dynamic":
+            config = model.config
+            cache = MegaStaticCache.from_cache(cache, config.chunk_size if config.use_chunking else context + steps)
+            if mode == "graph":
+                graph = CudaGraphStep(model, cache, batch=1)
         times = []
         for _ in range(steps):
             started = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            if graph is not None:
+                token = graph.step(token).argmax(-1)
+            else:
+                out = model(token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             _sync(device)  # the step is done when its token is known
             times.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return {"context": context, "prefill_s": prefill, "ms_per_token": 1000 * statistics.median(times),
-            "cached_keys": cache[0].key.shape[1], "peak_gib": peak}
+    return {"context": context, "mode": mode, "prefill_s": prefill, "ms_per_token": 1000 * statistics.median(times),
+            "cached_keys": cached_keys, "peak_gib": peak}
 
 
 def main() -> None:
@@ -64,7 +80,10 @@ def main() -> None:
     parser.add_argument("--bias", default="simple", choices=("simple", "rotary"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--modes", nargs="+", choices=("dynamic", "static", "graph"),
+                        help="how a step runs (default: dynamic and static, and graph on CUDA)")
     args = parser.parse_args()
+    modes = args.modes or ["dynamic", "static"] + (["graph"] if args.device.startswith("cuda") else [])
     torch.set_num_threads(args.threads)
     config = MegaConfig(vocab_size=32000, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         intermediate_size=2 * args.hidden, nffn_hidden_size=args.nffn or args.hidden,
@@ -80,11 +99,12 @@ def main() -> None:
         model = model.to(torch.bfloat16)
     print(f"decode_bench: H={args.hidden} layers={args.layers} chunk={args.chunk or 'none'} bias={args.bias} "
           f"device={device} dtype={args.dtype} threads={args.threads}")
-    print(f"{'context':>8} {'prefill s':>10} {'ms/token':>9} {'keys cached':>12} {'peak GiB':>9}")
+    print(f"{'context':>8} {'mode':>8} {'prefill s':>10} {'ms/token':>9} {'keys cached':>12} {'peak GiB':>9}")
     for context in args.contexts:
-        row = measure(model, context, args.steps)
-        print(f"{row['context']:8d} {row['prefill_s']:10.2f} {row['ms_per_token']:9.2f} {row['cached_keys']:12d} "
-              f"{row['peak_gib']:9.2f}", flush=True)
+        for mode in modes:
+            row = measure(model, context, args.steps, mode)
+            print(f"{row['context']:8d} {mode:>8} {row['prefill_s']:10.2f} {row['ms_per_token']:9.2f} "
+                  f"{row['cached_keys']:12d} {row['peak_gib']:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #   3. the quickstart on the GPU: DeepSpeed bf16 pretraining with NCCL, conversion, the six heads
 #   4. exact resume on the GPU path (benchmarks/resume_check.py)
 #   (profile: the top CUDA kernels of one step at 4x4096 chunk 1024)
-#   5. cached decoding latency at 1k / 8k / 64k context (benchmarks/decode_bench.py)
+#   5. cached decoding latency at 1k / 8k / 64k context (benchmarks/decode_bench.py): dynamic cache, static cache,
+#      static cache replayed as a CUDA graph
 #   (ema: the EMA alone, chunked recurrence against the FFT it replaced, forward + backward, benchmarks/ema_bench.py;
 #   run after the tests)
 #   (estimate: benchmarks/gpu_cost_model.py's CPU-side estimates of the same steps, run in the background while the
@@ -85,7 +86,7 @@ for p in $PARTS; do
                     precision.dtype=bf16 ;;
     resume) part resume 120 python3 benchmarks/resume_check.py --data /tmp/qs/dataset --tokenizer /tmp/qs/tokenizer \
                 --work /tmp/resume --steps 20 precision.dtype=bf16 ;;
-    decode) part decode 90 python3 benchmarks/decode_bench.py --device cuda --dtype bf16 --hidden 1024 --layers 16 \
+    decode) part decode 120 python3 benchmarks/decode_bench.py --device cuda --dtype bf16 --hidden 1024 --layers 16 \
                 --nffn 2048 --bias rotary --contexts 1024 8192 65536 --steps 32 ;;
     ema) part ema 60 bash -c "python3 benchmarks/ema_bench.py --device cuda --hidden 1024 --shapes 4x4096 1x16384 \
              1x262144 && python3 benchmarks/ema_bench.py --device cuda --hidden 1024 --shapes 4x4096 --bidirectional" ;;

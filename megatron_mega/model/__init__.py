@@ -7,7 +7,7 @@ line's data subcommands do not pay for importing torch.
 from importlib import import_module
 
 _EXPORTS = {
-    "MegaCache": "cache", "MegaLayerCache": "cache",
+    "MegaCache": "cache", "MegaLayerCache": "cache", "MegaStaticCache": "cache", "MegaStaticLayerCache": "cache",
     "ConfigError": "config", "MegaConfig": "config",
     "MEGA_HEADS": "heads", "MegaForCausalLM": "heads", "MegaForMaskedLM": "heads", "MegaForMultipleChoice": "heads",
     "MegaForQuestionAnswering": "heads", "MegaForSequenceClassification": "heads",

@@ -38,6 +38,10 @@ def fused_softmax_attention(q: torch.Tensor) -> bool:
     return not q.is_cuda
 
 
+def _no_dropout(weights: torch.Tensor) -> torch.Tensor:
+    return weights
+
+
 class ChunkedAttention(nn.Module):
     """Attention weights and their application to values. Holds no parameters: the relative bias belongs to the
     gated attention layer (transformers' state-dict layout) and is passed in."""
@@ -99,6 +103,23 @@ class ChunkedAttention(nn.Module):
             output_attentions=output_attentions, weight_drops=weight_drops)
         out = out.reshape(batch, chunks * chunk, -1)[:, past:past + length]
         return out, weights
+
+    # ------------------------------------------------------------------ a decoding step on fixed-size slots
+    def attend_slots(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, filled: torch.Tensor,
+                     slot: torch.Tensor, relative_bias: nn.Module) -> torch.Tensor:
+        """One query at `slot` ((1,) int64, its position in the open chunk) against a static cache's slots: query
+        (B, 1, z), key (B, S, z), value (B, S, v), filled (B, S) bool. Slots after `slot` hold an earlier chunk's
+        keys (or nothing) and are masked with the padding: masked keys get exactly zero weight, so the output is
+        the dynamic cache's over the visible keys alone. Returns (B, 1, v)."""
+        positions = torch.arange(key.shape[1], device=key.device)
+        visible = (filled & (positions <= slot)).unsqueeze(1)  # (B, 1, S): one block
+        bias = relative_bias(slot, positions).to(query.dtype)  # (1, S)
+        q, k, v = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if self.element_activation is None:
+            out, _ = self._softmax(q, k, v, bias, None, visible, 0.0, _no_dropout, False)
+        else:
+            out, _ = self._element(q, k, v, bias, None, visible, None, _no_dropout)
+        return out.squeeze(1)
 
     # ------------------------------------------------------------------ a pass without cache, its parts drawn ahead
     def worth_recomputing(self, device) -> bool:

@@ -49,3 +49,84 @@ class MegaCache:
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> "MegaCache":
         return self.select(beam_idx)
+
+
+@dataclass
+class MegaStaticLayerCache:
+    """A layer's decoding state in buffers of fixed shape, updated in place: what a CUDA graph of a decoding step
+    needs (every step reads and writes the same memory, and no shape depends on how many tokens came before).
+
+    The open chunk's keys and values sit in `size` slots (the chunk size; without chunking, room for every position
+    of the sequence); the token at position t goes to slot t % size. A slot past the current one holds a finished
+    chunk's key (or nothing yet) and is never visible."""
+
+    key: torch.Tensor  # (B, S, z)
+    value: torch.Tensor  # (B, S, v)
+    filled: torch.Tensor  # (B, S) bool: the slot holds a real (not padding) token
+    ema_state: torch.Tensor  # (B, D, N)
+    position: torch.Tensor  # () int64, shared by all layers: the tokens consumed so far
+
+    @property
+    def size(self) -> int:
+        return self.key.shape[1]
+
+
+@dataclass
+class MegaStaticCache:
+    """The model's cache in fixed-shape buffers (`MegaStaticLayerCache`), advanced in place by each step.
+
+    Made from the dynamic cache of a prefill (`from_cache`); `seen_tokens` is kept on the host for the model's checks,
+    `position` on the device for the step itself (a replayed CUDA graph advances the one, its runner the other)."""
+
+    layers: list[MegaStaticLayerCache]
+    seen_tokens: int
+    position: torch.Tensor
+
+    @classmethod
+    def from_cache(cls, cache: MegaCache, size: int) -> "MegaStaticCache":
+        """Copies a dynamic cache into buffers of `size` slots: the chunk size, or without chunking at least the
+        length the sequence will reach."""
+        if not cache.layers:
+            raise ValueError("an empty cache: prefill with use_cache=True first")
+        held = cache.layers[0].key.shape[1]
+        if held > size or held != cache.seen_tokens % size:
+            raise ValueError(f"a cache holding {held} keys after {cache.seen_tokens} tokens does not fit {size} "
+                             f"slots: size is the chunk size, or without chunking the final sequence length")
+        first = cache.layers[0].key
+        position = torch.tensor(cache.seen_tokens, dtype=torch.int64, device=first.device)
+        layers = []
+        for layer in cache.layers:
+            batch = layer.key.shape[0]
+            key = layer.key.new_zeros(batch, size, layer.key.shape[2])
+            value = layer.value.new_zeros(batch, size, layer.value.shape[2])
+            filled = torch.zeros(batch, size, dtype=torch.bool, device=first.device)
+            key[:, :held], value[:, :held] = layer.key, layer.value
+            filled[:, :held] = True if layer.key_mask is None else layer.key_mask
+            layers.append(MegaStaticLayerCache(key, value, filled, layer.ema_state.clone(), position))
+        return cls(layers, cache.seen_tokens, position)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> MegaStaticLayerCache:
+        return self.layers[index]
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def advance(self, length: int) -> None:
+        self.position.add_(length)
+        self.seen_tokens += length
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of every buffer, for `restore` (a CUDA graph's warm-up steps must leave the state as it was)."""
+        return [t.clone() for t in self._buffers()]
+
+    def restore(self, snapshot: list[torch.Tensor], seen_tokens: int) -> None:
+        for buffer, saved in zip(self._buffers(), snapshot):
+            buffer.copy_(saved)
+        self.seen_tokens = seen_tokens
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self.position] + [t for layer in self.layers
+                                  for t in (layer.key, layer.value, layer.filled, layer.ema_state)]

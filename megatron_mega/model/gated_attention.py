@@ -10,7 +10,7 @@ from torch import nn
 
 from megatron_mega.model.activations import get_activation
 from megatron_mega.model.attention import ChunkedAttention
-from megatron_mega.model.cache import MegaLayerCache
+from megatron_mega.model.cache import MegaLayerCache, MegaStaticLayerCache
 from megatron_mega.model.dropout import MegaDropout
 from megatron_mega.model.ema import MegaMultiDimensionDampedEma
 from megatron_mega.model.gates import (gate_values_plain, gated_residual, gated_residual_plain, query_key,
@@ -142,6 +142,8 @@ class MegaMovingAverageGatedAttention(nn.Module):
         return gated_residual_plain(residual, residual_gate, self.dropout.apply_mask(self.activation(out), drops))
 
     def _attend_with_cache(self, query, key, value, mask, cache, use_cache, output_attentions, ema_state):
+        if isinstance(cache, MegaStaticLayerCache):
+            return self._attend_static(query, key, value, mask, cache, ema_state)
         batch, length = query.shape[:2]
         key_mask = mask
         if cache is not None:
@@ -152,6 +154,22 @@ class MegaMovingAverageGatedAttention(nn.Module):
         attended, weights = self.attention(query, key, value, key_mask, self.rel_pos_bias, output_attentions)
         new_cache = self._next_cache(key, value, key_mask, ema_state) if use_cache else None
         return attended, weights, new_cache
+
+    def _attend_static(self, query, key, value, mask, cache: MegaStaticLayerCache, ema_state):
+        """One decoding step on a static cache: the new key, value and EMA state are written into its buffers in
+        place, and the query attends to all of its slots, those not visible masked (ChunkedAttention.attend_slots).
+        No shape depends on the position and nothing is read back to the host: a CUDA graph can replay it."""
+        if query.shape[1] != 1:
+            raise ValueError(f"a static cache takes one token per step, got {query.shape[1]}: prefill with a "
+                             "dynamic cache (use_cache=True), then MegaStaticCache.from_cache")
+        slot = cache.position.remainder(cache.size).view(1)
+        cache.key.index_copy_(1, slot, key.to(cache.key.dtype))
+        cache.value.index_copy_(1, slot, value.to(cache.value.dtype))
+        real = torch.ones_like(cache.filled[:, :1]) if mask is None else mask
+        cache.filled.index_copy_(1, slot, real)
+        cache.ema_state.copy_(ema_state)
+        attended = self.attention.attend_slots(query, cache.key, cache.value, cache.filled, slot, self.rel_pos_bias)
+        return attended, None, cache
 
     def _next_cache(self, key, value, key_mask, ema_state) -> MegaLayerCache:
         if self.chunk_size is not None:

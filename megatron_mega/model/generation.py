@@ -11,6 +11,9 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from megatron_mega.model.cache import MegaStaticCache
+from megatron_mega.model.decode_graph import CudaGraphStep
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,9 +51,20 @@ class MegaGenerationMixin:
         pad_token_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         num_beams: int = 1,
+        cache_implementation: str = "dynamic",
+        cuda_graph: Optional[bool] = None,
     ) -> torch.Tensor:
-        """Returns (batch, prompt + new tokens). Rows that hit eos are filled with pad_token_id afterwards."""
+        """Returns (batch, prompt + new tokens). Rows that hit eos are filled with pad_token_id afterwards.
+
+        `cache_implementation="static"` decodes on fixed-size buffers (model/cache.py `MegaStaticCache`), the same
+        tokens; with it `cuda_graph` (default: on for a model on a CUDA device) replays every step as one CUDA
+        graph (model/decode_graph.py) instead of launching its kernels one by one."""
         config = self.config
+        if cache_implementation not in ("dynamic", "static"):
+            raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+        static = use_cache and cache_implementation == "static"
+        if cuda_graph and not static:
+            raise ValueError("cuda_graph=True needs cache_implementation='static' (and use_cache=True)")
         if not config.is_decoder:
             raise ValueError("generate() needs a decoder: is_decoder=True and bidirectional=False")
         if num_beams != 1:
@@ -86,6 +100,16 @@ class MegaGenerationMixin:
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             out = self(input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=1)
             cache = out.past_key_values if use_cache else None
+            graph = None
+            if static:
+                # chunked, the open chunk's slots; unchunked, room for every position the sequence will reach
+                size = config.chunk_size if config.use_chunking else prompt_length + max_new_tokens
+                cache = MegaStaticCache.from_cache(cache, size)
+                on_cuda = input_ids.device.type == "cuda"
+                if cuda_graph and not on_cuda:
+                    raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {input_ids.device}")
+                if cuda_graph or (cuda_graph is None and on_cuda):
+                    graph = CudaGraphStep(self, cache, input_ids.shape[0])
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1, :].float()
                 if do_sample:
@@ -104,7 +128,13 @@ class MegaGenerationMixin:
                     finished = finished | torch.isin(next_tokens, eos)
                 if bool(finished.all()) or step == max_new_tokens - 1:
                     break
-                if use_cache:
+                if graph is not None:
+                    out.logits = graph.step(next_tokens[:, None])
+                elif static:
+                    # the new tokens are real (a finished row's pad is fed as a token, as with the dynamic cache):
+                    # no mask, so that the step reads nothing back to the host
+                    out = self(next_tokens[:, None], past_key_values=cache, use_cache=True)
+                elif use_cache:
                     out = self(next_tokens[:, None], attention_mask=attention_mask, past_key_values=cache,
                                use_cache=True)
                     cache = out.past_key_values

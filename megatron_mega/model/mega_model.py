@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_mega.model.block import MegaBlock
-from megatron_mega.model.cache import MegaCache
+from megatron_mega.model.cache import MegaCache, MegaStaticCache
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.derived import memoising
 from megatron_mega.model.embeddings import MegaEmbeddings
@@ -97,6 +97,11 @@ class MegaModel(MegaPreTrainedModel):
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
         past = 0 if past_key_values is None else past_key_values.seen_tokens
+        static = isinstance(past_key_values, MegaStaticCache)
+        use_cache = use_cache or static  # its buffers are the state: a step always advances them
+        if static and not config.use_chunking and past + length > past_key_values[0].size:
+            raise ValueError(f"the static cache has room for {past_key_values[0].size} positions; this step "
+                             f"would reach {past + length}: make it from the dynamic cache with a larger size")
         mask = padding_mask_from(attention_mask, length, past)
 
         hidden_states = self.embedding_layer(input_ids=input_ids, token_type_ids=token_type_ids,
@@ -121,7 +126,11 @@ class MegaModel(MegaPreTrainedModel):
                     all_hidden_states += (hidden_states,)
                 if output_attentions:
                     all_attentions += (weights,)
-        next_cache = MegaCache(new_layers, past + length) if use_cache else None
+        if static:
+            past_key_values.advance(length)  # the layers wrote into its buffers in place
+            next_cache = past_key_values
+        else:
+            next_cache = MegaCache(new_layers, past + length) if use_cache else None
         pooled = self.pooler(hidden_states) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden_states,

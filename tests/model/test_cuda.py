@@ -101,6 +101,33 @@ def test_cuda_cached_decoding_matches_the_full_forward():
     assert cache[0].key.shape[1] == 29 % 8  # only the open chunk's keys are kept
 
 
+@pytest.mark.parametrize("activation, chunked", [("softmax", True), ("laplace", False)])
+def test_cuda_graph_decoding_gives_the_eager_tokens(activation, chunked):
+    """generate() replaying a CUDA graph per step (model/decode_graph.py) against the eager dynamic cache: the same
+    greedy tokens over 3 chunk boundaries, a left-padded row among them, and the same logits step by step."""
+    from megatron_mega.model.cache import MegaStaticCache
+    from megatron_mega.model.decode_graph import CudaGraphStep
+
+    model = _build((activation, "rotary", chunked, True, False)).to(CUDA).eval()
+    prompt = token_ids(2, 5).to(CUDA)
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    prompt[0, :2] = model.config.pad_token_id
+    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24)
+    graphed = model.generate(prompt, attention_mask=mask, max_new_tokens=24, cache_implementation="static",
+                             cuda_graph=True)
+    assert torch.equal(graphed, eager)
+    ids = token_ids(1, 20).to(CUDA)
+    with torch.no_grad():
+        full = model(ids).logits
+        prefill = model(ids[:, :3], use_cache=True).past_key_values
+        cache = MegaStaticCache.from_cache(prefill, 8 if chunked else 20)
+        step = CudaGraphStep(model, cache, batch=1)
+        logits = [step.step(ids[:, t:t + 1]).clone() for t in range(3, 20)]
+    assert cache.seen_tokens == 20 and int(cache.position) == 20
+    assert _rel(torch.cat(logits, 1), full[:, 3:]) < 1e-5
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_cuda_training_recomputation_matches_the_plain_path(monkeypatch, autocast):
     """With dropout on, the regions recomputed in backward (model/recompute.py, model/recomputed_linear.py) draw
