@@ -114,6 +114,30 @@ class MegaStaticCache:
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
+    def check_step(self, config, length: int, use_cache: Optional[bool] = None, training: bool = False,
+                   output_attentions: bool = False) -> None:
+        """Refuses what a static step cannot do, before any buffer is written: it takes one token, without
+        autograd or dropout (it overwrites in place what a backward would read), advances the cache (use_cache),
+        and attends in the chunk's own slots (size = chunk_size) or, unchunked, within the room it has."""
+        problem = None
+        if length != 1:
+            problem = (f"takes one token per step, got {length}: prefill with a dynamic cache (use_cache=True), "
+                       "then MegaStaticCache.from_cache")
+        elif torch.is_grad_enabled() or training:
+            problem = "decodes without autograd or dropout: call it under torch.no_grad() with model.eval()"
+        elif use_cache is False:
+            problem = "is advanced by every step it is passed to: use_cache=False cannot be honoured"
+        elif output_attentions:
+            problem = "does not return attention weights: decode with the dynamic cache for output_attentions"
+        elif config.use_chunking and self.layers[0].size != config.chunk_size:
+            problem = (f"has {self.layers[0].size} slots per layer; a chunked model needs chunk_size = "
+                       f"{config.chunk_size}: MegaStaticCache.from_cache(cache, config.chunk_size)")
+        elif not config.use_chunking and self.seen_tokens + length > self.layers[0].size:
+            problem = (f"has room for {self.layers[0].size} positions; this step would reach "
+                       f"{self.seen_tokens + length}: make it from the dynamic cache with a larger size")
+        if problem:
+            raise ValueError(f"a static cache {problem}")
+
     def advance(self, length: int) -> None:
         self.position.add_(length)
         self.seen_tokens += length

@@ -158,10 +158,8 @@ class MegaMovingAverageGatedAttention(nn.Module):
     def _attend_static(self, query, key, value, mask, cache: MegaStaticLayerCache, ema_state):
         """One decoding step on a static cache: the new key, value and EMA state are written into its buffers in
         place, and the query attends to all of its slots, those not visible masked (ChunkedAttention.attend_slots).
-        No shape depends on the position and nothing is read back to the host: a CUDA graph can replay it."""
-        if query.shape[1] != 1:
-            raise ValueError(f"a static cache takes one token per step, got {query.shape[1]}: prefill with a "
-                             "dynamic cache (use_cache=True), then MegaStaticCache.from_cache")
+        No shape depends on the position and nothing is read back to the host: a CUDA graph can replay it. What it
+        cannot do (several tokens, autograd, dropout) MegaStaticCache.check_step refuses first."""
         slot = cache.position.remainder(cache.size).view(1)
         cache.key.index_copy_(1, slot, key.to(cache.key.dtype))
         cache.value.index_copy_(1, slot, value.to(cache.value.dtype))

@@ -52,19 +52,22 @@ class MegaGenerationMixin:
         generator: Optional[torch.Generator] = None,
         num_beams: int = 1,
         cache_implementation: str = "dynamic",
-        cuda_graph: Optional[bool] = None,
+        cuda_graph: bool = False,
     ) -> torch.Tensor:
         """Returns (batch, prompt + new tokens). Rows that hit eos are filled with pad_token_id afterwards.
 
         `cache_implementation="static"` decodes on fixed-size buffers (model/cache.py `MegaStaticCache`), the same
-        tokens; with it `cuda_graph` (default: on for a model on a CUDA device) replays every step as one CUDA
-        graph (model/decode_graph.py) instead of launching its kernels one by one."""
+        tokens; with it `cuda_graph=True` (a model on a CUDA device) replays every step as one CUDA graph
+        (model/decode_graph.py) instead of launching its kernels one by one, captured for this call after two
+        warm-up steps (for 3 steps or fewer the steps run eagerly)."""
         config = self.config
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         static = use_cache and cache_implementation == "static"
         if cuda_graph and not static:
             raise ValueError("cuda_graph=True needs cache_implementation='static' (and use_cache=True)")
+        if cuda_graph and input_ids.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {input_ids.device}")
         if not config.is_decoder:
             raise ValueError("generate() needs a decoder: is_decoder=True and bidirectional=False")
         if num_beams != 1:
@@ -105,10 +108,7 @@ class MegaGenerationMixin:
                 # chunked, the open chunk's slots; unchunked, room for every position the sequence will reach
                 size = config.chunk_size if config.use_chunking else prompt_length + max_new_tokens
                 cache = MegaStaticCache.from_cache(cache, size)
-                on_cuda = input_ids.device.type == "cuda"
-                if cuda_graph and not on_cuda:
-                    raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {input_ids.device}")
-                if cuda_graph or (cuda_graph is None and on_cuda):
+                if cuda_graph and max_new_tokens - 1 > 3:  # the steps after the prefill's token, past the warm-up
                     graph = CudaGraphStep(self, cache, input_ids.shape[0])
             for step in range(max_new_tokens):
                 logits = out.logits[:, -1, :].float()

@@ -86,6 +86,11 @@ class MegaModel(MegaPreTrainedModel):
         if input_ids is None and inputs_embeds is None:
             raise ValueError("give input_ids or inputs_embeds")
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        static = isinstance(past_key_values, MegaStaticCache)
+        if static:
+            past_key_values.check_step(config, length, use_cache=use_cache, training=self.training,
+                                       output_attentions=bool(output_attentions))
+            use_cache = True  # its buffers are the state: a step always advances them
         if config.is_decoder:
             use_cache = config.use_cache if use_cache is None else use_cache
         elif use_cache or past_key_values is not None:
@@ -97,11 +102,6 @@ class MegaModel(MegaPreTrainedModel):
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
         past = 0 if past_key_values is None else past_key_values.seen_tokens
-        static = isinstance(past_key_values, MegaStaticCache)
-        use_cache = use_cache or static  # its buffers are the state: a step always advances them
-        if static and not config.use_chunking and past + length > past_key_values[0].size:
-            raise ValueError(f"the static cache has room for {past_key_values[0].size} positions; this step "
-                             f"would reach {past + length}: make it from the dynamic cache with a larger size")
         mask = padding_mask_from(attention_mask, length, past)
 
         hidden_states = self.embedding_layer(input_ids=input_ids, token_type_ids=token_type_ids,

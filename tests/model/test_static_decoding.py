@@ -101,18 +101,38 @@ def test_a_static_step_can_be_captured_as_a_cuda_graph(activation):
 
 
 def test_static_cache_refusals():
+    """What a static step cannot do is refused before any buffer is written, with the fix in the message."""
     model = _model(chunk=None, dtype=torch.float32)
     ids = token_ids(1, 8)
     with torch.no_grad():
         prefill = model(ids[:, :4], use_cache=True).past_key_values
         with pytest.raises(ValueError, match="does not fit"):
             MegaStaticCache.from_cache(prefill, 3)
-        with pytest.raises(ValueError, match="one token per step"):
-            model(ids[:, 4:6], past_key_values=MegaStaticCache.from_cache(prefill, 8))
         cache = MegaStaticCache.from_cache(prefill, 5)
+        before = cache.snapshot()
+        for kwargs, message in [
+                (dict(input_ids=ids[:, 4:6]), "one token per step"),
+                (dict(input_ids=ids[:, 4:5], use_cache=False), "use_cache=False"),
+                (dict(input_ids=ids[:, 4:5], output_attentions=True), "attention weights")]:
+            with pytest.raises(ValueError, match=message):
+                model(past_key_values=cache, **kwargs)
+        model.train()
+        with pytest.raises(ValueError, match="model.eval"):
+            model(ids[:, 4:5], past_key_values=cache)
+        model.eval()
+    with pytest.raises(ValueError, match="torch.no_grad"):  # backward would read the state overwritten in place
+        model(ids[:, 4:5], past_key_values=cache)
+    assert all(torch.equal(a, b) for a, b in zip(cache.snapshot(), before)) and cache.seen_tokens == 4
+    with torch.no_grad():
         model(ids[:, 4:5], past_key_values=cache)
         with pytest.raises(ValueError, match="has room for 5 positions"):
             model(ids[:, 5:6], past_key_values=cache)
+    chunked = _model(chunk=4, dtype=torch.float32)
+    with torch.no_grad():
+        # fewer slots than the chunk would cut its attention short, more would let it reach across chunks
+        cache = MegaStaticCache.from_cache(chunked(ids[:, :1], use_cache=True).past_key_values, 8)
+        with pytest.raises(ValueError, match="chunk_size = 4"):
+            chunked(ids[:, 1:2], past_key_values=cache)
     with pytest.raises(ValueError, match="cache_implementation"):
         model.generate(ids, max_new_tokens=2, cache_implementation="paged")
     with pytest.raises(ValueError, match="needs cache_implementation='static'"):
