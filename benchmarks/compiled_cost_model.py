@@ -179,7 +179,7 @@ def compiled_pass(seq: int, chunk: int) -> Pass:
     from torch._dynamo.utils import counters
 
     from megatron_mega import MegaConfig
-    from megatron_mega.model.block import MegaBlock
+    from megatron_mega.model.block import MegaBlock, compile_blocks
 
     torch._dynamo.reset()
     counters.clear()
@@ -188,7 +188,7 @@ def compiled_pass(seq: int, chunk: int) -> Pass:
     with cuda_paths(), _SchedulerTap() as tap:
         torch.manual_seed(0)
         block = MegaBlock(MegaConfig(**mega_kwargs(Case("ours", 1, seq, chunk)))).train()
-        block.compile()  # what compile_blocks does
+        compile_blocks(block)  # what parallel.compile_blocks does (its backward's autocast setting included)
         x = torch.randn(1, seq, ANCHOR["hidden_size"], requires_grad=True)
         grad = torch.randn(1, seq, ANCHOR["hidden_size"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch._functorch.config
 from torch import nn
 
 from megatron_mega.model.cache import MegaLayerCache
@@ -37,7 +38,13 @@ class MegaBlock(nn.Module):
 def compile_blocks(model: nn.Module) -> int:
     """nn.Module.compile on every MEGA block of `model` (a plain LM or a rank's pipeline stages); the number
     compiled. In place, so parameter names, state dicts and checkpoints are those of the uncompiled model, and
-    activation checkpointing (the model's own or the pipeline's) recomputes through the compiled block."""
+    activation checkpointing (the model's own or the pipeline's) recomputes through the compiled block.
+
+    Also sets how AOTAutograd traces a compiled region's backward to eager autograd's way (process-wide): torch's
+    default ("same_as_forward") traces it under the autocast state its forward ran under, so the EMA's products,
+    which forward keeps in float32 with autocast disabled, would run backward in bfloat16: gradients 3e-3 off
+    instead of 2e-7 (tests/model/test_traceable.py)."""
+    torch._functorch.config.backward_pass_autocast = "off"
     blocks = [module for module in model.modules() if isinstance(module, MegaBlock)]
     for block in blocks:
         block.compile()
