@@ -135,6 +135,42 @@ def test_norms_against_formulas(norm, affine):
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "scalenorm"])
+@pytest.mark.parametrize("along", [False, True], ids=["random-grad", "grad-along-output"])
+def test_half_precision_norms_on_the_cpu_round_once(norm, along):
+    """bfloat16 weights and inputs on the CPU (4096 rows, over the decoding step's single-op size): the output and
+    every gradient within bfloat16's rounding of the float64 values of the same bfloat16 numbers. The CPU's own
+    bfloat16 layer_norm sums the weight's gradient in low precision (5e-2 off, 0.5 for the bias with a gradient
+    along the output), and the scale norm's g - x r^2 mean(g x) cancels there (0.6 off) unless formed in float32.
+    """
+    import copy
+
+    from megatron_mega.model.norms import MegaSequenceNorm
+
+    torch.manual_seed(0)
+    layer = MegaSequenceNorm(norm, 64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p))
+    layer = layer.bfloat16()
+    x = (torch.randn(2, 2048, 64) * 2 + 0.5).bfloat16()
+    with torch.no_grad():
+        exact = copy.deepcopy(layer).double()(x.double())
+    noise = 1 + 0.01 * torch.randn(exact.shape, dtype=torch.float64)
+    grad = (exact * noise if along else torch.randn(exact.shape)).bfloat16()
+
+    def run(dtype):
+        module = copy.deepcopy(layer).to(dtype)
+        inputs = x.to(dtype).clone().requires_grad_()
+        out = module(inputs)
+        out.backward(grad.to(dtype))
+        return [out, inputs.grad, *(p.grad for p in module.parameters())]
+
+    for half, ref in zip(run(torch.bfloat16), run(torch.float64)):
+        assert half.dtype == torch.bfloat16
+        assert float((half.double() - ref).norm() / ref.norm()) < 3e-3
+
+
 def test_feature_dropout_drops_whole_channels():
     from megatron_mega.model.dropout import MegaDropout
 
