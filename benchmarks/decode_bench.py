@@ -24,7 +24,7 @@ import time
 import torch
 
 from megatron_mega import MegaConfig, MegaForCausalLM
-from megatron_mega.model.cache import MegaStaticCache
+from megatron_mega.model.cache import MegaStaticCache, static_cache_size
 from megatron_mega.model.decode_graph import CudaGraphStep
 
 
@@ -49,8 +49,7 @@ def measure(model: MegaForCausalLM, context: int, steps: int, mode: str = "dynam
         cached_keys = cache[0].key.shape[1]
         graph = None
         if mode != "dynamic":
-            config = model.config
-            cache = MegaStaticCache.from_cache(cache, config.chunk_size if config.use_chunking else context + steps)
+            cache = MegaStaticCache.from_cache(cache, static_cache_size(model.config, context + steps))
             if mode == "graph":
                 graph = CudaGraphStep(model, cache, batch=1)
         times = []

@@ -51,6 +51,12 @@ class MegaCache:
         return self.select(beam_idx)
 
 
+def static_cache_size(config, max_length: int) -> int:
+    """The slots per layer a static cache of `config`'s model needs for a sequence of up to `max_length` tokens:
+    the chunk size when chunking (the open chunk's), else every position."""
+    return config.chunk_size if config.use_chunking else max_length
+
+
 @dataclass
 class MegaStaticLayerCache:
     """A layer's decoding state in buffers of fixed shape, updated in place: what a CUDA graph of a decoding step
@@ -132,11 +138,16 @@ class MegaStaticCache:
         elif config.use_chunking and self.layers[0].size != config.chunk_size:
             problem = (f"has {self.layers[0].size} slots per layer; a chunked model needs chunk_size = "
                        f"{config.chunk_size}: MegaStaticCache.from_cache(cache, config.chunk_size)")
-        elif not config.use_chunking and self.seen_tokens + length > self.layers[0].size:
-            problem = (f"has room for {self.layers[0].size} positions; this step would reach "
-                       f"{self.seen_tokens + length}: make it from the dynamic cache with a larger size")
         if problem:
             raise ValueError(f"a static cache {problem}")
+        self.check_room(config, length)
+
+    def check_room(self, config, length: int) -> None:
+        """Refuses a step of `length` tokens that an unchunked cache has no slots left for (a chunked one reuses its
+        slots chunk after chunk). Also what a replayed CUDA graph's runner checks, where no model code runs."""
+        if not config.use_chunking and self.seen_tokens + length > self.layers[0].size:
+            raise ValueError(f"a static cache has room for {self.layers[0].size} positions; this step would reach "
+                             f"{self.seen_tokens + length}: make it from the dynamic cache with a larger size")
 
     def advance(self, length: int) -> None:
         self.position.add_(length)

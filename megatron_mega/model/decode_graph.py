@@ -31,8 +31,6 @@ class CudaGraphStep:
         if warmup < 1:
             raise ValueError("capture needs at least one warm-up step (the memoised tensors are made there)")
         self.model, self.cache = model, cache
-        chunked = model.config.use_chunking
-        self.room = None if chunked else cache[0].size
         self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         saved, seen = cache.snapshot(), cache.seen_tokens
         try:
@@ -44,7 +42,7 @@ class CudaGraphStep:
             torch.cuda.current_stream(device).wait_stream(side)
             # what the graph reads from the memo stays alive with it: a later forward that memoises something else
             # (another length, another cache) replaces the memo's value, and its memory could be reused
-            self.memoised = [derived._value for module in model.modules() for derived in vars(module).values()
+            self.memoised = [derived.value for module in model.modules() for derived in vars(module).values()
                              if isinstance(derived, DerivedTensors)]
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -57,9 +55,7 @@ class CudaGraphStep:
             return self.model(self.tokens, past_key_values=self.cache, use_cache=True).logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.room is not None and self.cache.seen_tokens + tokens.shape[1] > self.room:
-            raise ValueError(f"the static cache has room for {self.room} positions; this step would reach "
-                             f"{self.cache.seen_tokens + tokens.shape[1]}")
+        self.cache.check_room(self.model.config, tokens.shape[1])
         self.tokens.copy_(tokens)
         self.graph.replay()
         self.cache.seen_tokens += tokens.shape[1]  # the graph advanced the device's position, not the host's

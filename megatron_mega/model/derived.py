@@ -43,6 +43,11 @@ class DerivedTensors:
         self._key: Hashable = None
         self._value: Any = None
 
+    @property
+    def value(self) -> Any:
+        """The value memoised last (None before any), for a holder that must keep it alive."""
+        return self._value
+
     def get(self, params: Sequence[torch.Tensor], extra: Hashable, compute: Callable[[], Any]) -> Any:
         if not memoising_active():
             return compute()

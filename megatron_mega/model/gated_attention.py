@@ -163,8 +163,10 @@ class MegaMovingAverageGatedAttention(nn.Module):
         slot = cache.position.remainder(cache.size).view(1)
         cache.key.index_copy_(1, slot, key.to(cache.key.dtype))
         cache.value.index_copy_(1, slot, value.to(cache.value.dtype))
-        real = torch.ones_like(cache.filled[:, :1]) if mask is None else mask
-        cache.filled.index_copy_(1, slot, real)
+        if mask is None:
+            cache.filled.index_fill_(1, slot, True)
+        else:
+            cache.filled.index_copy_(1, slot, mask)
         cache.ema_state.copy_(ema_state)
         attended = self.attention.attend_slots(query, cache.key, cache.value, cache.filled, slot, self.rel_pos_bias)
         return attended, None, cache

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from megatron_mega.model.cache import MegaStaticCache
+from megatron_mega.model.cache import MegaStaticCache, static_cache_size
 from megatron_mega.model.decode_graph import CudaGraphStep
 
 logger = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ class MegaGenerationMixin:
             cache = out.past_key_values if use_cache else None
             graph = None
             if static:
-                # chunked, the open chunk's slots; unchunked, room for every position the sequence will reach
-                size = config.chunk_size if config.use_chunking else prompt_length + max_new_tokens
-                cache = MegaStaticCache.from_cache(cache, size)
+                cache = MegaStaticCache.from_cache(cache, static_cache_size(config, prompt_length + max_new_tokens))
                 if cuda_graph and max_new_tokens - 1 > 3:  # the steps after the prefill's token, past the warm-up
                     graph = CudaGraphStep(self, cache, input_ids.shape[0])
             for step in range(max_new_tokens):
