@@ -41,7 +41,7 @@ import numpy as np
 from data_prep.errors import PrepareError
 from data_prep.records import REASONS, SKIP, Problems, record_text
 from data_prep.sources import DatasetSource, FileSource, expand_inputs, file_size, iter_items, split_files
-from megatron_mega.atomic_io import atomic_write_text
+from megatron_mega.atomic_io import atomic_write_text, remove_stale_temporaries
 from megatron_mega.data import indexed_dataset
 from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, sha256_file
 from megatron_mega.data.tokenizer import Tokenizer
@@ -216,6 +216,8 @@ def _load_finished(out: str) -> _Resume:
         else:
             break
     keep = len(shards)
+    for directory in (out, state_dir):  # the atomic writes of a killed run (a record, the manifest) left halfway
+        remove_stale_temporaries(directory)
     for name in os.listdir(out):
         match = SHARD_NAME.match(name)
         if match and (match.group(3) or int(match.group(1)) >= keep):

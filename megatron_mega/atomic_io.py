@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import Callable, Iterator
+
+
+# what `atomic_path` names its temporaries: "." + the file's name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 @contextlib.contextmanager
@@ -37,3 +42,14 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     """Call `writer(tmp_path)` and move the result into place only if it returns."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporaries `atomic_path` left in `directory` when its process was killed before it could remove
+    them (SIGKILL runs no cleanup); the names removed. Only for a folder no other process is writing to, as when a
+    run resumes where a killed one stopped."""
+    removed = [name for name in os.listdir(directory) if _TEMPORARY.match(name)]
+    for name in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    return removed

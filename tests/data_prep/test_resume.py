@@ -76,6 +76,9 @@ def test_resume_from_every_kind_of_leftover(tmp_path, tokenizer_dir, corpus_docs
             if int(path.stem.split("-")[1]) >= 4:
                 path.unlink()
         (out / "shard-00004.bin.tmp-99999").write_bytes(b"partial")
+        # atomic writes a SIGKILL cut short: a shard's record and the manifest, never renamed into place
+        (out / ".prepare" / ".shard-00004.json.x1y2z3_a.tmp").write_text('{"shard": {')
+        (out / ".manifest.json.q9w8e7r6.tmp").write_text("{")
         with open(out / "shard-00002.bin", "r+b") as fh:  # a recorded shard with a wrong size is redone too
             fh.truncate(10)
     else:
