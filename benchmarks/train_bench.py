@@ -50,6 +50,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
     torch.set_num_threads(threads)
     from megatron_mega.training.config import load_train_config
+    from megatron_mega.training.distributed import shutdown_distributed
     from megatron_mega.training.trainer import run_training
 
     lines: list[str] = []
@@ -66,6 +67,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
                    "data_wait_share": sum(waits[1:]) / max(1e-9, sum(ms_iter[1:])),
                    "ms_per_iter": sum(ms_iter[1:]) / max(1, len(ms_iter) - 1),
                    "final_loss": result.losses[max(result.losses)]}, fh)
+    shutdown_distributed()
 
 
 def run(name: str, world: int, overrides: list[str], folder: str) -> dict:

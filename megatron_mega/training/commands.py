@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megatron_mega.data.tokenizer import TokenizerError
     from megatron_mega.model.pretrained import CheckpointError
     from megatron_mega.training.config import TrainConfigError, load_train_config
-    from megatron_mega.training.distributed import env_context
+    from megatron_mega.training.distributed import env_context, shutdown_distributed
     from megatron_mega.training.trainer import TrainingAborted, run_training
 
     try:
@@ -87,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingAborted as err:
         print(f"megatron-mega: training stopped: {err}", file=sys.stderr)
         return 1
+    shutdown_distributed()
     if env_context()[0].is_main:
         print(f"done: iteration {result.step}, consumed samples {result.consumed_samples}, stopped: "
               f"{result.stopped}", flush=True)

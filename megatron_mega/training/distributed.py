@@ -85,6 +85,17 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
     return context
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group after a normal end of training. A process that exits with it alive can abort in
+    interpreter finalisation when gloo's worker threads still hold work ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489). Not after an error: other ranks may still be inside a collective,
+    and destroying would wait on them (torchtitan does the same, pytorch/torchtitan#1342)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _has_cuda() -> bool:
     import torch
 

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_mega.training.config import TrainConfig
+from megatron_mega.training.distributed import shutdown_distributed
 from megatron_mega.training.trainer import Trainer, TrainingAborted, run_training
 
 
@@ -196,6 +197,7 @@ def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> 
         if rank == 0 or job.get("all_ranks"):
             with open(os.path.join(out_dir, f"job{i}-rank{rank}.json"), "w") as fh:
                 json.dump(out, fh, default=str)
+    shutdown_distributed()  # as the CLI does: an exit with gloo's threads alive can abort the process
 
 
 def start_jobs(world_size: int, jobs: list, out_dir: str) -> list:
