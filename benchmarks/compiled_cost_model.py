@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import sys
 import time
 from collections import Counter
@@ -71,6 +72,7 @@ class Kernel:
     flops: float = 0.0
     extern: bool = False
     dtype: str = "-"
+    where: str = "-"  # fused: the model's source lines its ATen ops come from (their innermost frame in the package)
 
     def seconds(self, rates: Rates) -> float:
         return rates.seconds(self.flops, self.bytes, self.dtype, fft="_fft" in self.what)
@@ -97,14 +99,25 @@ class Pass:
         return sum(k.seconds(rates) if attr == "seconds" else getattr(k, attr) for k in self.select(extern, phase))
 
 
-def _origins(node) -> str:
-    names = Counter()
+_FRAME = re.compile(r'File "[^"]*/megatron_mega/([^"]+)", line (\d+)')
+
+
+def _origins(node) -> tuple[str, str]:
+    """The ATen ops fused into a kernel and the source lines they come from (a backward op carries its forward
+    op's stack trace), each with its count."""
+    names, lines = Counter(), Counter()
     for sub in node.get_nodes():
         for origin in getattr(sub.node, "origins", None) or ():
             target = getattr(origin, "target", None)
             if origin.op == "call_function" and target is not None:
                 names[str(getattr(target, "__name__", target)).split(".")[0]] += 1
-    return " ".join(f"{n}" + (f"x{c}" if c > 1 else "") for n, c in names.most_common(6)) or "-"
+                frames = _FRAME.findall(origin.meta.get("stack_trace") or "")
+                if frames:
+                    lines["%s:%s" % frames[-1]] += 1
+
+    def show(counter, n):
+        return " ".join(f"{k}" + (f"x{c}" if c > 1 else "") for k, c in counter.most_common(n)) or "-"
+    return show(names, 6), show(lines, 4)
 
 
 class _SchedulerTap:
@@ -146,7 +159,8 @@ class _SchedulerTap:
                 continue
             parts = node.get_outer_nodes() if hasattr(node, "get_outer_nodes") else [node]
             for part in parts:  # the CPU's outer-loop fusion, undone: one kernel per loop nest
-                self.kernels.append(Kernel(self.phase, int(part.get_read_write_buffers_sizes()), _origins(part)))
+                what, where = _origins(part)
+                self.kernels.append(Kernel(self.phase, int(part.get_read_write_buffers_sizes()), what, where=where))
 
     def extern(self, node) -> Kernel:
         """An extern kernel (a cuBLAS matmul, an FFT, an op left to ATen): bytes as the scheduler counts them,
@@ -311,6 +325,8 @@ def main(argv=None) -> int:
             mib = k.bytes * scale / 2 ** 20
             us = k.bytes * scale / (rates.bandwidth_tbs * 1e12) * 1e6 + rates.launch_us
             print(f"  {k.phase:<9} {mib:>8.1f} {us:>7.1f}  {k.what[:90]}")
+            if k.where != "-":
+                print(f"  {'':<9} {'':>8} {'':>7}    at {k.where[:110]}")
         print(f"\n  the extern kernels, by total at 1x{last.tokens} (unscaled):")
         groups = {}
         for k in last.select(True):
