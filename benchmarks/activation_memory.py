@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     if chunked and args.length % args.chunk:
         p.error(f"--length {args.length} must be a multiple of --chunk {args.chunk}")
     config = MegaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, shared_representation_size=args.z,
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        shared_representation_size=args.z,
         intermediate_size=args.v, nffn_hidden_size=args.nffn, ema_projection_size=args.ndim,
         relative_positional_bias=args.bias, is_decoder=not args.encoder, bidirectional=args.encoder,
         use_chunking=chunked, chunk_size=args.chunk if chunked else -1,
@@ -105,11 +106,15 @@ def main(argv=None) -> int:
     per_token = (total_long - total_short) / tokens
     per_layer = total_short - per_token * tokens
 
-    print(f"config: d={args.hidden} z={args.z} v={args.v} nffn={args.nffn} N={args.ndim} chunk={args.chunk or 'none'} "
-          f"{args.bias} {'encoder' if args.encoder else 'decoder'} dropout={args.dropout} {args.dtype}, batch {args.batch}"
+    print(f"config: d={args.hidden} z={args.z} v={args.v} nffn={args.nffn} N={args.ndim} "
+          f"chunk={args.chunk or 'none'} "
+          f"{args.bias} {'encoder' if args.encoder else 'decoder'} dropout={args.dropout} {args.dtype}, "
+          f"batch {args.batch}"
           f", selective recomputation {'off' if args.keep else 'on'}")
-    print(f"kept for backward by one layer: {per_token / 1024:.1f} KiB per token + {per_layer / 2**20:.1f} MiB per layer "
-          f"(measured at {args.length} and {2 * args.length} tokens: {total_short / 2**20:.0f} / {total_long / 2**20:.0f} MiB)")
+    print(f"kept for backward by one layer: {per_token / 1024:.1f} KiB per token + "
+          f"{per_layer / 2**20:.1f} MiB per layer "
+          f"(measured at {args.length} and {2 * args.length} tokens: "
+          f"{total_short / 2**20:.0f} / {total_long / 2**20:.0f} MiB)")
 
     batch, seq = (int(s) for s in args.project.lower().split("x"))
     from megatron_mega import MegaForCausalLM

@@ -16,8 +16,9 @@ Every measurement runs in a fresh worker process (so its peak RSS is its own), s
 implementation's virtual environment: ours with .venv/bin/python, transformers with .venv-hf/bin/python. A worker
 builds the model and the inputs, records its RSS ("base"), runs one warm-up step, then times K steps and reports
 the median seconds/step (wall clock; also forward and backward apart, and the process CPU seconds per step, which
-says how much of a slow step was waiting for a busy machine), tokens/s = batch*seq/median, its peak RSS (getrusage ru_maxrss) and peak - base (the memory
-the step itself needs: the base holds the interpreter, torch, transformers and the 32000-word embedding).
+says how much of a slow step was waiting for a busy machine), tokens/s = batch*seq/median, its peak RSS (getrusage
+ru_maxrss) and peak - base (the memory the step itself needs: the base holds the interpreter, torch, transformers and
+the 32000-word embedding).
 
 The parent alternates the implementations (ours, hf, ours, hf, ...) for R rounds per case so that noise on the
 machine hits both alike, then prints one table per case, with the ratios

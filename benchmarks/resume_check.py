@@ -72,7 +72,8 @@ def main() -> int:
     worst = max(diffs.values())
     print(f"resume check: steps {half + 1}-{args.steps}, losses A {[losses_a[s] for s in resumed]}")
     print(f"                                     losses B {[losses_b[s] for s in resumed]}")
-    print(f"resume check: largest |loss A - loss B| = {worst:.4g} ({'exact to the 4 logged decimals' if worst == 0 else 'differs'})")
+    print(f"resume check: largest |loss A - loss B| = {worst:.4g} "
+          f"({'exact to the 4 logged decimals' if worst == 0 else 'differs'})")
     return 0
 
 

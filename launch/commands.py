@@ -107,7 +107,8 @@ def cmd_slurm_train(args: argparse.Namespace) -> int:
         if args.dry_run:
             print(script, end="")
             return 0
-        path = args.script or os.path.join(res.workdir, res.log_dir, f"{args.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
+        path = args.script or os.path.join(res.workdir, res.log_dir,
+                                           f"{args.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
         job = _submit(script, path, args)
     except (TrainConfigError, SlurmError) as err:
         print(f"megatron-mega slurm: error: {err}", file=sys.stderr)

@@ -62,7 +62,8 @@ def open_sources(config: DataConfig, tokenizer_sha256: Optional[str]) -> tuple[l
     return sources, tokenizer
 
 
-def build_datasets(config: DataConfig, num_samples: Mapping[str, int], tokenizer_sha256: Optional[str]) -> DatasetSplits:
+def build_datasets(config: DataConfig, num_samples: Mapping[str, int],
+                   tokenizer_sha256: Optional[str]) -> DatasetSplits:
     """Datasets for each split with num_samples[split] > 0 and a non-zero share in `config.split` (else None).
 
     tokenizer_sha256: sha256 of the tokenizer training uses; a manifest recording another is refused. Pass None only

@@ -147,5 +147,6 @@ class Manifest:
     def check_tokenizer(self, sha256: str, what: str = "the tokenizer given") -> None:
         if sha256 != self.tokenizer.sha256:
             raise ManifestError(
-                f"{os.path.join(self.root, MANIFEST_NAME)}: prepared with tokenizer sha256 {self.tokenizer.sha256[:12]}…, "
+                f"{os.path.join(self.root, MANIFEST_NAME)}: "
+                f"prepared with tokenizer sha256 {self.tokenizer.sha256[:12]}…, "
                 f"but {what} has sha256 {sha256[:12]}…; re-tokenize or use the matching tokenizer")

@@ -26,7 +26,8 @@ class PretrainingSampler:
     def __init__(self, total_samples: int, micro_batch_size: int, data_parallel_rank: int, data_parallel_size: int,
                  consumed_samples: int = 0):
         for name, value, low in (("total_samples", total_samples, 1), ("micro_batch_size", micro_batch_size, 1),
-                                 ("data_parallel_size", data_parallel_size, 1), ("consumed_samples", consumed_samples, 0),
+                                 ("data_parallel_size", data_parallel_size, 1),
+                                 ("consumed_samples", consumed_samples, 0),
                                  ("data_parallel_rank", data_parallel_rank, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise SamplerError(f"{name}: must be an integer >= {low}, got {value!r}")

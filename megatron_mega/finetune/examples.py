@@ -41,7 +41,8 @@ def load_examples(source: str, split: Optional[str] = None):
         try:
             dataset = datasets.load_dataset(source, split=split or "train")
         except Exception as err:  # noqa: BLE001 - datasets raises many kinds; the user needs the message
-            raise ExamplesError(f"{source}: cannot load it as a file, a saved dataset or a hub dataset ({err})") from None
+            raise ExamplesError(
+                f"{source}: cannot load it as a file, a saved dataset or a hub dataset ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if split is None or split not in dataset:
             raise ExamplesError(f"{source}: choose a split with --split (available: {sorted(dataset)})")

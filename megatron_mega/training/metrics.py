@@ -60,7 +60,8 @@ class MetricsWriter:
                  "grad norm " + ("n/a" if values.get("grad_norm") is None else f"{values['grad_norm']:.3f}"),
                  fmt("loss scale", values["loss_scale"], "g"), fmt("skipped", values["skipped"], "d"),
                  fmt("dropped", values.get("dropped", 0), "d"), fmt("ms/iter", values["ms_per_iter"], ".1f"),
-                 f"data wait {values.get('data_wait_ms', 0.0):.1f} ms ({100 * values.get('data_wait_share', 0.0):.1f}%)",
+                 f"data wait {values.get('data_wait_ms', 0.0):.1f} ms "
+                 f"({100 * values.get('data_wait_share', 0.0):.1f}%)",
                  fmt("tokens/s", values["tokens_per_s"], ".0f"),
                  fmt("TFLOP/s/device", values["tflops"], ".3f"),
                  "MFU " + ("n/a" if values.get("mfu") is None else f"{100 * values['mfu']:.2f}%")]

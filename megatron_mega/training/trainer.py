@@ -473,8 +473,8 @@ class Trainer:
             if saved_step != 0:
                 raise TrainConfigError(
                     f"optim.train_steps: 0 writes the initial weights of a fresh run as a step-0 checkpoint, but "
-                    f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from (use a new checkpoint.dir "
-                    f"or checkpoint.load=null)")
+                    f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from "
+                    f"(use a new checkpoint.dir or checkpoint.load=null)")
         if saved is not None:
             saved_sha = saved.get("tokenizer_sha256")
             if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:

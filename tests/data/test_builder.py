@@ -42,7 +42,8 @@ def test_checksums_are_verified_when_asked(tmp_path):
     open(path, "wb").write(bytes(data))
     build_datasets(config_for(tmp_path, [root]), {"train": 10}, tokenizer_sha256=TOKENIZER_SHA)  # counts still match
     with pytest.raises(ManifestError, match=r"shard-00001.bin: sha256 .* != manifest"):
-        build_datasets(config_for(tmp_path, [root], verify_checksums=True), {"train": 10}, tokenizer_sha256=TOKENIZER_SHA)
+        build_datasets(config_for(tmp_path, [root], verify_checksums=True), {"train": 10},
+                       tokenizer_sha256=TOKENIZER_SHA)
 
 
 def test_mlm_needs_a_mask_token(tmp_path):

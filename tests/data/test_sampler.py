@@ -46,7 +46,8 @@ def test_batches_after_resume_with_another_data_parallel_size_are_equal(train):
         next(batches), next(batches)
         sampler.advance(8)
     state = sampler.state_dict()
-    assert state == {"consumed_samples": 24, "data_parallel_size": 1, "micro_batch_size": 4, "total_samples": len(train)}
+    assert state == {"consumed_samples": 24, "data_parallel_size": 1, "micro_batch_size": 4,
+                     "total_samples": len(train)}
     expected = [next(batches)["tokens"] for _ in range(3)]
     resumed = [make_loader(train, 2, rank, 2, state=state) for rank in range(2)]
     assert all(s.resumed_from_data_parallel_size == 1 and s.consumed_samples == 24 for _, s in resumed)

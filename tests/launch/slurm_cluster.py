@@ -44,7 +44,8 @@ def ensure_hosts(names=NODES) -> Optional[str]:
     if not missing:
         return None
     if os.geteuid() != 0:
-        return f"{' '.join(missing)} do not resolve and this is not root: add '127.0.0.1 {' '.join(missing)}' to /etc/hosts"
+        return (f"{' '.join(missing)} do not resolve and this is not root: "
+                f"add '127.0.0.1 {' '.join(missing)}' to /etc/hosts")
     with open("/etc/hosts", "a", encoding="utf-8") as fh:
         fh.write(f"\n127.0.0.1 {' '.join(missing)}  # megatron_mega tests: Slurm's virtual nodes\n")
     return None

@@ -109,7 +109,8 @@ def test_ema_ignores_autocast(bidirectional):
     """Under bfloat16 autocast the kernel's matmul would round q^l to 3 digits; the EMA keeps its own precision,
     so its output under autocast is the float32 output, bit for bit."""
     torch.manual_seed(0)
-    config = MegaConfig(hidden_size=16, ema_projection_size=4, bidirectional=bidirectional, is_decoder=not bidirectional)
+    config = MegaConfig(hidden_size=16, ema_projection_size=4, bidirectional=bidirectional,
+                        is_decoder=not bidirectional)
     ema = MegaMultiDimensionDampedEma(config)
     for p in ema.parameters():
         torch.nn.init.normal_(p, std=0.5)

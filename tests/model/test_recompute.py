@@ -135,7 +135,8 @@ def test_block_recomputation_is_bit_identical_and_keeps_less(monkeypatch, autoca
     d, z, v, f = (config.hidden_size, config.shared_representation_size, config.intermediate_size,
                   config.nffn_hidden_size)
     half = 2 if autocast else 4
-    per_token = (2 if autocast else 0) * d + 2 * half * d + half * z + 4 * d + 2 * half * v + half * f + 2 * half * z + half * v + 2 * half * config.chunk_size - 1
+    per_token = ((2 if autocast else 0) * d + 2 * half * d + half * z + 4 * d + 2 * half * v + half * f
+                 + 2 * half * z + half * v + 2 * half * config.chunk_size - 1)
     assert saved[1] - saved[0] == batch * (lengths[1] - lengths[0]) * per_token
 
 

@@ -15,8 +15,8 @@ Outputs written: logits, start_logits, end_logits, last_hidden_state, pooler_out
 hidden_states.<i> for every entry of output_hidden_states (the embeddings, then each layer), all batch-first.
 
 A job that raises does not stop the others: STATUS.json records, per job name, {"ok": bool, "stage": where it
-stopped ("load" | "save" | "forward"), "error": str, "loading_info": {...}} plus the transformers version, so a test can assert that transformers fails where it is
-known to be defective.
+stopped ("load" | "save" | "forward"), "error": str, "loading_info": {...}} plus the transformers version, so a test
+can assert that transformers fails where it is known to be defective.
 """
 
 import json

@@ -401,7 +401,8 @@ def test_chunked_decoder_length_not_a_multiple_of_the_chunk(ours_to_transformers
     assert_same_outputs(ours_to_transformers.ours[f"chunked-decoder-L{2 * CHUNK}"], full, "MegaForCausalLM", None)
     for n in SHORT_LENGTHS:
         status = ours_to_transformers.status[f"chunked-decoder-L{n}"]
-        assert not status["ok"], f"transformers ran a chunked decoder on {n} tokens: is defect {2 if n > CHUNK else 3} fixed?"
+        assert not status["ok"], (f"transformers ran a chunked decoder on {n} tokens: "
+                                  f"is defect {2 if n > CHUNK else 3} fixed?")
         # the checkpoint loaded; the forward pass failed, in the reshape (12) / the chunk-sized causal mask (5)
         assert status["stage"] == "forward" and status["loading_info"] is not None, status
         assert re.search(r"shape .* is invalid" if n > CHUNK else r"size of tensor a .* must match", status["error"])

@@ -70,7 +70,8 @@ def test_layout_checks_the_batch_arithmetic():
 
 def test_ds_config_from_config_and_user_json():
     config = load_train_config(TINY, ["parallel.zero_stage=2", "precision.dtype=bf16", "optim.clip_grad=0.25",
-                                      "deepspeed={zero_optimization: {overlap_comm: true}, wall_clock_breakdown: true}"])
+                                      "deepspeed={zero_optimization: {overlap_comm: true}, "
+                                      "wall_clock_breakdown: true}"])
     ds = build_ds_config(config, world_size=2)
     assert ds["train_batch_size"] == 4 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == 0.25

@@ -176,7 +176,8 @@ class FinalStateTrainer(Trainer):
         return result
 
 
-TRAINERS = {"plain": Trainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer,
+TRAINERS = {"plain": Trainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer,
+            "hang": HangTrainer,
             "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
 
