@@ -186,7 +186,7 @@ class _SchedulerTap:
         return Kernel(self.phase, int(node.get_read_write_buffers_sizes()), short, flops, True, dtype)
 
 
-def compiled_pass(seq: int, chunk: int) -> Pass:
+def compiled_pass(seq: int, chunk: int, precision: str = "autocast") -> Pass:
     """Compile one fresh MegaBlock at batch 1 x seq and run it forward and backward once (compiling), listing the
     kernels of its two graphs."""
     import torch._dynamo
@@ -202,14 +202,17 @@ def compiled_pass(seq: int, chunk: int) -> Pass:
     with cuda_paths(), _SchedulerTap() as tap:
         torch.manual_seed(0)
         block = MegaBlock(MegaConfig(**mega_kwargs(Case("ours", 1, seq, chunk)))).train()
+        # bf16: bfloat16 weights and activations without autocast (DeepSpeed's bf16 mode)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        block.to(dtype)
         compile_blocks(block)  # what parallel.compile_blocks does (its backward's autocast setting included)
-        x = torch.randn(1, seq, ANCHOR["hidden_size"], requires_grad=True)
-        grad = torch.randn(1, seq, ANCHOR["hidden_size"])
+        x = torch.randn(1, seq, ANCHOR["hidden_size"], dtype=dtype, requires_grad=True)
+        grad = torch.randn(1, seq, ANCHOR["hidden_size"], dtype=dtype)
 
         def step(phase_hook):
             block.zero_grad(set_to_none=True)
             x.grad = None
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
                 y = block(x, None, use_cache=False)[0]
             phase_hook("backward")
             y.backward(grad)
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=15, help="the N largest fused kernels (by bytes) to list")
     p.add_argument("--no-eager", action="store_true",
                    help="skip gpu_cost_model's eager tally (no embedding + loss part, no eager comparison)")
+    p.add_argument("--precision", default="autocast", choices=("autocast", "bf16"),
+                   help="bf16 autocast over float32 weights, or bfloat16 weights without autocast (the trainer's)")
     p.add_argument("--save", metavar="PATH", help="pickle the compiled passes' kernels to PATH")
     p.add_argument("--load", metavar="PATH", help="price the kernels saved by --save instead of compiling")
     p.add_argument("--matmul-tflops", type=float, default=Rates.matmul_tflops)
@@ -265,7 +270,7 @@ def main(argv=None) -> int:
             loaded = pickle.load(f)
         lengths = [run.tokens for run in loaded]
     for seq in lengths:
-        run = loaded[lengths.index(seq)] if args.load else compiled_pass(seq, args.chunk)
+        run = loaded[lengths.index(seq)] if args.load else compiled_pass(seq, args.chunk, args.precision)
         passes.append(run)
         print(f"compiled block, 1x{seq} chunk {args.chunk}: {run.graphs} graph(s), {run.breaks} graph break(s), "
               f"{len(run.select(False, 'forward'))} + {len(run.select(False, 'backward'))} fused kernels and "
@@ -301,7 +306,7 @@ def main(argv=None) -> int:
           f"extern {extern_s * 1e3:.2f} ms (matrix multiplies {matmul_s * 1e3:.2f} ms)")
 
     if not args.no_eager:
-        case = Case("ours", args.batch, args.seq, args.chunk)
+        case = Case("ours", args.batch, args.seq, args.chunk, args.precision)
         one, layer = eager_layers("ours", case, rates)
         eager_s = sum(op.seconds for op in layer.values())
         eager_n = sum(op.count for op in layer.values())

@@ -287,6 +287,15 @@ def cuda_paths():
 
 
 def build(impl: str, layers: int, case: Case, keep: bool):
+    if case.precision != "bf16":
+        return _build(impl, layers, case, keep)
+    # the weights themselves in bfloat16, as DeepSpeed's bf16 mode trains (the trainer runs no autocast); built and
+    # cast as real tensors (a fake parameter cannot be swapped for its cast), which the fake step then reads
+    with unset_fake_temporarily():
+        return _build(impl, layers, case, keep).to(torch.bfloat16)
+
+
+def _build(impl: str, layers: int, case: Case, keep: bool):
     kwargs = dict(mega_kwargs(case), num_hidden_layers=layers)
     if impl == "ours":
         from megatron_mega import MegaConfig, MegaForCausalLM
@@ -315,7 +324,7 @@ def tally_step(impl: str, layers: int, case: Case, rates: Rates, keep: bool = Fa
         existing = list(model.parameters()) + list(model.buffers()) + [ids]
         live = LiveBytes(sum(t.untyped_storage().nbytes() for t in existing), existing) if memory else None
         with _Record(tally, live):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.precision == "autocast"):
                 out = model(input_ids=ids, labels=ids)
             loss = out if isinstance(out, torch.Tensor) else out.loss
             tally.phase = "backward"
@@ -362,6 +371,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=1024, help="0: no chunking")
     p.add_argument("--layers", type=int, default=ANCHOR["num_hidden_layers"])
     p.add_argument("--keep", action="store_true", help="ours: selective recomputation off")
+    p.add_argument("--precision", default="autocast", choices=("autocast", "bf16"),
+                   help="bf16 autocast over float32 weights (as gpu_bench's default), or bfloat16 weights without "
+                        "autocast (DeepSpeed's bf16 mode, what the trainer runs)")
     p.add_argument("--top", type=int, default=25, help="the N costliest operations of a layer")
     p.add_argument("--by-line", action="store_true", help="group a layer's operations by the source line issuing them")
     p.add_argument("--memory", action="store_true",
@@ -375,9 +387,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     rates = Rates(matmul_tflops=args.matmul_tflops, bandwidth_tbs=args.bandwidth_tbs, launch_us=args.launch_us)
-    case = Case(args.impl, args.batch, args.seq, args.chunk)
+    case = Case(args.impl, args.batch, args.seq, args.chunk, args.precision)
     print(f"{args.impl} {args.batch}x{args.seq}" + (f" chunk {args.chunk}" if args.chunk and args.impl != "gpt" else "")
-          + (" keep" if args.keep else "") + f", {args.layers} layers, bf16 autocast, one training step")
+          + (" keep" if args.keep else "") + f", {args.layers} layers, "
+          + ("bf16 autocast" if args.precision == "autocast" else "bfloat16 weights") + ", one training step")
     if args.memory:
         _, live = tally_step(args.impl, args.layers, case, rates, args.keep, memory=True)
         print(f"  peak of live tensors {live.peak / 2 ** 30:.2f} GiB (in {live.peak_phase}, at {live.peak_line}; "
