@@ -28,21 +28,28 @@ class MegaLayerCache:
             self.ema_state.index_select(0, index))
 
 
-@dataclass
-class MegaCache:
-    """The model's cache: one MegaLayerCache per layer and the number of positions consumed."""
+class _PerLayer:
+    """What transformers' generation asks of a cache: its layers by index, and the positions it has consumed."""
 
-    layers: list[MegaLayerCache] = field(default_factory=list)
-    seen_tokens: int = 0
+    layers: list
+    seen_tokens: int
 
     def __len__(self) -> int:
         return len(self.layers)
 
-    def __getitem__(self, index: int) -> MegaLayerCache:
+    def __getitem__(self, index: int):
         return self.layers[index]
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
+
+
+@dataclass
+class MegaCache(_PerLayer):
+    """The model's cache: one MegaLayerCache per layer and the number of positions consumed."""
+
+    layers: list[MegaLayerCache] = field(default_factory=list)
+    seen_tokens: int = 0
 
     def select(self, index: torch.Tensor) -> "MegaCache":
         return MegaCache([layer.select(index) for layer in self.layers], self.seen_tokens)
@@ -78,7 +85,7 @@ class MegaStaticLayerCache:
 
 
 @dataclass
-class MegaStaticCache:
+class MegaStaticCache(_PerLayer):
     """The model's cache in fixed-shape buffers (`MegaStaticLayerCache`), advanced in place by each step.
 
     Made from the dynamic cache of a prefill (`from_cache`); `seen_tokens` is kept on the host for the model's checks,
@@ -110,15 +117,6 @@ class MegaStaticCache:
             filled[:, :held] = True if layer.key_mask is None else layer.key_mask
             layers.append(MegaStaticLayerCache(key, value, filled, layer.ema_state.clone(), position))
         return cls(layers, cache.seen_tokens, position)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __getitem__(self, index: int) -> MegaStaticLayerCache:
-        return self.layers[index]
-
-    def get_seq_length(self) -> int:
-        return self.seen_tokens
 
     def check_step(self, config, length: int, use_cache: Optional[bool] = None, training: bool = False,
                    output_attentions: bool = False) -> None:
