@@ -31,8 +31,8 @@ transformers, at the same constants. Check its constants against a GPU's measure
 `--memory` follows the bytes of live tensors through the whole model's step instead. Against H200 measurements
 (performance-anchors.md and the 2026-11-28 GPU run) it came out 0-12% high: GPT+SDPA at 1x16384 16.3 GiB
 (measured 16.5), transformers 64.8 (60.1) and, at 4x4096, 43.8 (39.0); our code of that run 36.9 (33.4). Its
-speed estimates came out high by a factor: GPT+SDPA 270k tokens/s (measured 187k: 0.69), transformers 92k (74k:
-0.81).
+speed estimates: GPT+SDPA 193.6k tokens/s (measured 187.0k: x0.97; before its FlashAttention had a FLOP formula
+here, 270k: x0.69), transformers 92k (74k: x0.81, its eager step's thousands of kernels).
 """
 
 from __future__ import annotations
@@ -70,13 +70,18 @@ class Rates:
     bandwidth_tbs: float = 3.9     # HBM3e, 4.8 TB/s peak, what a large elementwise kernel reaches
     fft_efficiency: float = 0.6    # cuFFT's share of that bandwidth (two passes for the longer transforms)
     launch_us: float = 2.5         # a kernel's fixed cost on the device (launch, tail)
+    # FlashAttention-2 (SDPA's flash kernel) forward + backward at head dim 64, causal, bf16: about half the GEMM
+    # rate (its published H100 figures; the H200 has the same compute)
+    attention_tflops: float = 300.0
 
-    def seconds(self, flops: float, moved: float, dtype: str, fft: bool = False) -> float:
-        """One kernel's time: matmul-class kernels (flops > 0) at the matmul rate of their dtype or their bytes'
-        time, whichever is longer; FFTs at their share of the bandwidth; the rest by bytes; plus the launch."""
+    def seconds(self, flops: float, moved: float, dtype: str, fft: bool = False, attention: bool = False) -> float:
+        """One kernel's time: matmul-class kernels (flops > 0) at the matmul rate of their dtype (a fused
+        attention kernel at the attention rate) or their bytes' time, whichever is longer; FFTs at their share of
+        the bandwidth; the rest by bytes; plus the launch."""
         bandwidth = self.bandwidth_tbs * 1e12
         if flops:
             rate = self.matmul_tflops if dtype in ("bfloat16", "float16") else self.fp32_matmul_tflops
+            rate = self.attention_tflops if attention else rate
             busy = max(flops / (rate * 1e12), moved / bandwidth)
         else:
             busy = moved / (bandwidth * (self.fft_efficiency if fft else 1.0))
@@ -111,13 +116,16 @@ class Tally:
             return  # a query of metadata (sizes, device), not a kernel
         moved = sum(_read_bytes(t) for t in ins) + sum(t.numel() * t.element_size() for t in outs)
         flops = 0.0
-        if packet in flop_registry:
+        attention = packet in FUSED_ATTENTION
+        if attention:
+            flops = _fused_attention_flops(packet, args, kwargs or {})
+        elif packet in flop_registry:
             try:
                 flops = float(flop_registry[packet](*args, **(kwargs or {}), out_val=out))
             except Exception:  # a formula that does not take these arguments: price by bytes
                 flops = 0.0
         dtype = str(outs[0].dtype).replace("torch.", "")
-        seconds = self.rates.seconds(flops, moved, dtype, fft=packet in FFT)
+        seconds = self.rates.seconds(flops, moved, dtype, fft=packet in FFT, attention=attention)
         name = str(packet).replace("aten.", "")
         key = (self.phase, _source_line() + " " + name if self.by_line else name, dtype)
         op = self.ops.setdefault(key, Op(key[1], self.phase, dtype))
@@ -128,6 +136,29 @@ class Tally:
 
     def total(self, attr: str) -> float:
         return sum(getattr(op, attr) for op in self.ops.values())
+
+
+# the CPU's fused SDPA, which the GPT's attention dispatches to on these fake CPU tensors where a GPU runs
+# FlashAttention; torch's flop counter has formulas for the CUDA kernels only (priced by bytes alone, the GPT's
+# attention cost ~0.07 ms a layer instead of ~1.5 ms)
+FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu,
+                   aten._scaled_dot_product_flash_attention_for_cpu_backward}
+
+
+def _fused_attention_flops(packet, args, kwargs) -> float:
+    """What a flash kernel computes: forward q k^T and p v (2 products), backward their recomputation and 4
+    gradients' (5 products: 2.5x the forward), over half of the (query, key) pairs when causal (whole masked
+    blocks are skipped)."""
+    backward = packet is aten._scaled_dot_product_flash_attention_for_cpu_backward
+    query, key, value = args[1:4] if backward else args[0:3]
+    position = 7 if backward else 4  # is_causal, in the two schemas
+    causal = bool(kwargs.get("is_causal", args[position] if len(args) > position else False))
+    *lead, n_query, head = query.shape
+    pairs = n_query * key.shape[-2]
+    for size in lead:
+        pairs *= size
+    forward = 2.0 * pairs * (head + value.shape[-1])
+    return forward * (2.5 if backward else 1.0) * (0.5 if causal else 1.0)
 
 
 _VIEW_NAMES = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
