@@ -127,7 +127,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, (_WIDE_CHUNK_ELEMENTS if whole else _CHUNK_ELEMENTS) // weight.shape[0])
         needs = ctx.needs_input_grad
         want_hidden, want_weight, want_bias = needs[0], needs[1], bias is not None and needs[2]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        # in the accumulator's precision until backward has scaled it: divided by the row count here and
+        # multiplied by fp16's loss scale only there, the rows' gradients (~1e-6) would fall below float16's
+        # normal range (6e-5) and lose digits or vanish in between
+        grad_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if want_hidden else None
         grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if want_weight else None
         grad_bias = torch.empty(bias.shape, dtype=acc, device=bias.device) if want_bias else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -153,7 +156,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scale = 1.0
             total += loss_sum
             if grad_h is not None:
-                grad_hidden[start:start + chunk] = grad_h.to(hidden.dtype)
+                grad_hidden[start:start + chunk] = grad_h
             first = start == 0
             for v0, part_weight, part_bias in weight_parts:
                 # the first row chunk writes each block, later ones add to it: no zero-filled (vocab x H) start;
@@ -177,7 +180,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_bias.index_add_(0, t, torch.full(t.shape, -1.0 / rows, dtype=acc, device=t.device))
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / max(rows, 1)
 
     @staticmethod
@@ -187,9 +190,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Checked on CPU only, where reading the value costs no device synchronisation.
         unit = grad_output.device.type == "cpu" and grad_output.numel() == 1 and float(grad_output) == 1.0
         scale = None if unit else grad_output
-        grad_hidden = _scaled(next(saved), scale) if ctx.has[0] else None
-        grad_weight = _scaled(next(saved), scale).to(ctx.dtypes[0]) if ctx.has[1] else None
-        grad_bias = _scaled(next(saved), scale).to(ctx.dtypes[1]) if ctx.has[2] else None
+        grad_hidden = _scaled(next(saved), scale).to(ctx.dtypes[0]) if ctx.has[0] else None
+        grad_weight = _scaled(next(saved), scale).to(ctx.dtypes[1]) if ctx.has[1] else None
+        grad_bias = _scaled(next(saved), scale).to(ctx.dtypes[2]) if ctx.has[2] else None
         return grad_hidden, grad_weight, grad_bias, None
 
 
