@@ -55,9 +55,10 @@ def layer_specs(config: MegaConfig, objective: str = "causal") -> list:
 
 
 def plain_model(config: MegaConfig, objective: str = "causal", seed: int = 0) -> nn.Module:
-    """The plain model whose weights a pipeline built with the same seed starts from; the caller's RNG is kept."""
+    """The plain model whose weights a pipeline built with the same seed starts from; the caller's RNG is kept
+    (the GPU's too: manual_seed reseeds every device)."""
     cls = PLAIN_CLASSES[objective]
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         return cls(config)
 

@@ -1,7 +1,7 @@
 """DeepSpeed checkpoints plus the trainer's own state, resumable exactly.
 
     <dir>/step00000040/          DeepSpeed's files (model, optimizer partitions, lr schedule) + client state
-    <dir>/step00000040/rng-rank00003.pt   each rank's RNG states (python, numpy, torch)
+    <dir>/step00000040/rng-rank00003.pt   each rank's RNG states (python, numpy, torch; CUDA's on a GPU)
     <dir>/step00000040/trainer_state.json  format_version, step, consumed samples, sampler state, layout, config,
                                            tokenizer sha256
     <dir>/latest                 the newest complete tag (the file DeepSpeed's load_checkpoint reads)
@@ -53,13 +53,26 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's generators. On a GPU also the current device's: dropout draws its masks there, from a
+    generator torch.get_rng_state does not hold."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> bool:
+    """Restores `rng_state()`'s generators; False when this process has a GPU and the state holds none for it
+    (saved on the CPU): the caller seeds the device's generator instead."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if not torch.cuda.is_available():
+        return True
+    if "cuda" not in state:
+        return False
+    torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def latest_tag(directory: str) -> Optional[str]:
@@ -162,7 +175,10 @@ def load(engine, directory: str, rank: int, tag: Optional[str] = None) -> Option
     state = read_state(directory, tag)
     rng_file = os.path.join(directory, tag, f"rng-rank{rank:05d}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        if not set_rng_state(torch.load(rng_file, weights_only=False)):
+            logger.warning("%s: no GPU RNG state for rank %d (saved without a GPU); the GPU's reseeded", rng_file,
+                           rank)
+            state["_device_rng_missing"] = True
     else:
         logger.warning("%s: no RNG state for rank %d (the layout changed); RNG reseeded", rng_file, rank)
         state["_rng_missing"] = True

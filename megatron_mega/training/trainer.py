@@ -506,6 +506,8 @@ class Trainer:
             result.resumed_from = step
             if state.get("_rng_missing"):
                 self._reseed(step)
+            elif state.get("_device_rng_missing"):
+                torch.cuda.manual_seed(self._seed(step))
             self.log(f"resumed from {load_dir}/{tag} at iteration {step}, consumed samples "
                      f"{state['consumed_samples']} (saved under {state['layout']})")
         else:
@@ -656,8 +658,12 @@ class Trainer:
             group["betas"] = tuple(optim.betas)
             group["eps"] = optim.eps
 
+    def _seed(self, step: int) -> int:
+        """Each rank's own seed for the generators from `step` on (dropout masks differ across ranks)."""
+        return (self.config.seed * 1_000_003 + step * 9973 + self.context.rank) % (2 ** 31)
+
     def _reseed(self, step: int) -> None:
-        seed = (self.config.seed * 1_000_003 + step * 9973 + self.context.rank) % (2 ** 31)
+        seed = self._seed(step)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)

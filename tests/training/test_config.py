@@ -187,3 +187,27 @@ def test_shutdown_destroys_the_process_group(tmp_path):
     shutdown_distributed()
     assert not dist.is_initialized()
     shutdown_distributed()  # nothing to destroy: no error
+
+
+def test_rng_state_holds_the_gpus_generator(monkeypatch):
+    # dropout draws its masks from the GPU's generator there: a checkpoint without it resumed every rank with the
+    # same masks (the seed the model was built under). No GPU here: torch.cuda's RNG calls stand in
+    import random
+
+    from megatron_mega.training import checkpointing
+
+    device = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: device.update(state=state.clone()))
+    saved = checkpointing.rng_state()
+    assert torch.equal(saved["cuda"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    expected = (random.random(), torch.rand(2))
+    device["state"] = torch.tensor([9], dtype=torch.uint8)
+    assert checkpointing.set_rng_state(saved) is True
+    assert torch.equal(device["state"], saved["cuda"])
+    assert random.random() == expected[0] and torch.equal(torch.rand(2), expected[1])
+    # a checkpoint written without a GPU restores the CPU's generators and says the GPU's needs a seed
+    del saved["cuda"]
+    assert checkpointing.set_rng_state(saved) is False
+    assert random.random() == expected[0] and torch.equal(torch.rand(2), expected[1])
