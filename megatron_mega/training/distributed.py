@@ -74,7 +74,9 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
     if _has_cuda():
         import torch
 
-        torch.cuda.set_device(context.local_rank)  # one GPU per process, before NCCL starts
+        # one GPU per process, before NCCL starts; a launcher that shows each task only its own GPU
+        # (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) leaves fewer devices than local ranks
+        torch.cuda.set_device(context.local_rank % torch.cuda.device_count())
     import deepspeed
 
     from megatron_mega.parallel.dist_setup import disable_shm_comm

@@ -110,10 +110,12 @@ class FiniteStepGuard:
             if torch.is_tensor(total) and not bool(torch.isfinite(total).all()):
                 return True
         if self._plain_torch:
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                        return True
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                # every gradient's largest magnitude (inf or NaN exactly when one of its entries is), read back
+                # once: a check per parameter would wait on the GPU once per parameter
+                peaks = torch._foreach_norm(grads, ord=float("inf"))
+                return not bool(torch.stack([peak.float() for peak in peaks]).isfinite().all())
         return False
 
     def step(self, *args, **kwargs):
