@@ -74,9 +74,7 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
     if _has_cuda():
         import torch
 
-        # one GPU per process, before NCCL starts; a launcher that shows each task only its own GPU
-        # (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) leaves fewer devices than local ranks
-        torch.cuda.set_device(context.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu_for(context.local_rank, torch.cuda.device_count()))  # before NCCL starts
     import deepspeed
 
     from megatron_mega.parallel.dist_setup import disable_shm_comm
@@ -85,6 +83,21 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
         disable_shm_comm()
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     return context
+
+
+def gpu_for(local_rank: int, visible: int) -> int:
+    """The GPU of this process, one per process. A launcher that shows each task only its own GPU (srun
+    --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank) leaves one device whatever the local rank: device 0, and
+    LOCAL_RANK is set to it, since DeepSpeed picks its device by that variable (in init_process_group and
+    deepspeed.initialize). More local ranks than GPUs otherwise is a launch mistake: two processes would share one
+    GPU, which NCCL refuses later with a less clear message."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        os.environ["LOCAL_RANK"] = "0"
+        return 0
+    raise RuntimeError(f"local rank {local_rank} on a node where this process sees {visible} GPUs: launch one "
+                       f"process per GPU (--nproc-per-node / --gpus-per-node), or give each task its own GPU")
 
 
 def shutdown_distributed() -> None:

@@ -110,7 +110,8 @@ class FiniteStepGuard:
             if torch.is_tensor(total) and not bool(torch.isfinite(total).all()):
                 return True
         if self._plain_torch:
-            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                     if p.grad is not None and p.grad.numel()]
             if grads:
                 # every gradient's largest magnitude (inf or NaN exactly when one of its entries is), read back
                 # once: a check per parameter would wait on the GPU once per parameter

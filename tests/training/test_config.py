@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 
 import pytest
 import torch
@@ -211,3 +212,14 @@ def test_rng_state_holds_the_gpus_generator(monkeypatch):
     del saved["cuda"]
     assert checkpointing.set_rng_state(saved) is False
     assert random.random() == expected[0] and torch.equal(torch.rand(2), expected[1])
+
+
+def test_each_process_gets_its_own_gpu(monkeypatch):
+    from megatron_mega.training.distributed import gpu_for
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert gpu_for(3, 8) == 3 and os.environ["LOCAL_RANK"] == "3"
+    # srun --gpus-per-task=1: each task sees one GPU, and DeepSpeed must look for it at index 0 too
+    assert gpu_for(3, 1) == 0 and os.environ["LOCAL_RANK"] == "0"
+    with pytest.raises(RuntimeError, match="local rank 9 on a node where this process sees 8 GPUs"):
+        gpu_for(9, 8)
