@@ -11,8 +11,11 @@ Three indices, built once and cached (see index_cache.py):
 
 Where this differs from Megatron, on purpose: Megatron shuffles all full epochs' documents together (and a short
 final epoch separately), and shuffles samples likewise. Here each epoch is shuffled on its own, documents and then
-the samples that start in it, so every document of epoch e is served before any of epoch e + 1, and asking for
-more samples later appends epochs without reordering the earlier ones. E is the fewest epochs giving `num_samples`.
+the samples that end in it (whose last token is in it), so epoch e's samples are served before epoch e + 1's, and
+asking for more samples later appends epochs without reordering the earlier ones, the last included: a run that
+resumes with more steps or another data-parallel size keeps its order. E is the fewest epochs giving
+`num_samples`. (Version 1 grouped samples by the epoch they start in; the last epoch then held one sample fewer
+than once it was followed by another, and its whole order changed when one was added.)
 
 Train/valid/test are disjoint ranges of documents (Megatron's split rounding), so no document is in two splits.
 """
@@ -27,7 +30,7 @@ from megatron_mega.data import seeding
 from megatron_mega.data.documents import DocumentSource
 from megatron_mega.data.index_cache import IndexCache
 
-INDEX_VERSION = 1  # bump when the index algorithm changes: it is part of every cache key
+INDEX_VERSION = 2  # bump when the index algorithm changes: it is part of every cache key
 
 
 class DatasetError(ValueError):
@@ -99,9 +102,12 @@ def build_gpt_indices(lengths: np.ndarray, first_document: int, seq_len: int, nu
 
     shuffle_index = np.arange(count, dtype=_int_dtype(count))
     rng = seeding.random_state(seeding.SAMPLE_SHUFFLE, *parts)
-    bounds = -(-np.arange(epochs + 1, dtype=np.int64) * tokens_per_epoch // seq_len)  # first sample of each epoch
-    for epoch in np.flatnonzero(np.diff(np.minimum(bounds, count)) > 1):  # blocks of one sample stay in place
-        lo, hi = int(bounds[epoch]), min(int(bounds[epoch + 1]), count)
+    # the first sample ending in each epoch: sample i ends at token (i + 1) * seq_len, in epoch e from
+    # i = ceil(e * T / L) - 1 on; the last epoch's block ends at count, whether or not more epochs follow
+    bounds = np.maximum(-(-np.arange(epochs + 1, dtype=np.int64) * tokens_per_epoch // seq_len) - 1, 0)
+    assert bounds[-1] == count
+    for epoch in np.flatnonzero(np.diff(bounds) > 1):  # blocks of one sample stay in place
+        lo, hi = int(bounds[epoch]), int(bounds[epoch + 1])
         shuffle_index[lo:hi] = lo + rng.permutation(hi - lo)
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 

@@ -58,7 +58,8 @@ def test_samples_tile_the_shuffled_document_stream(source, tmp_path):
     assert np.array_equal(ds.sample_index, megatron_sample_index(lengths, ds.document_index, seq_len, len(ds)))
     shuffle = np.asarray(ds.shuffle_index)
     assert sorted(shuffle) == list(range(len(ds))) and not np.array_equal(shuffle, np.arange(len(ds)))
-    first_epoch = -(-tokens_per_epoch // seq_len)  # samples starting in epoch 0 are all served before the others
+    # the samples ending in epoch 0 (their last token in it) are all served before the others
+    first_epoch = -(-tokens_per_epoch // seq_len) - 1
     assert sorted(shuffle[:first_epoch]) == list(range(first_epoch))
     for j in (0, 1, len(ds) - 1, -1):
         assert np.array_equal(ds[j]["tokens"], ds.stream_sample(int(shuffle[j])))
@@ -72,8 +73,15 @@ def test_more_samples_append_epochs_without_reordering(source, tmp_path):
     assert long.num_epochs > short.num_epochs + 1
     n = len(short.document_index)
     assert np.array_equal(long.document_index[:n], short.document_index)
-    complete = -(-(short.num_epochs - 1) * int(source.document_lengths().sum()) // 8)  # all but the last epoch
-    assert np.array_equal(long.shuffle_index[:complete], short.shuffle_index[:complete])
+    # every sample of the short run, its last epoch included, in the same order: a run resumed with more steps
+    # serves the rest of the epoch it was in (version 1 reshuffled that epoch)
+    assert np.array_equal(long.shuffle_index[:len(short.shuffle_index)], short.shuffle_index)
+    tokens = int(source.document_lengths().sum())
+    for epochs in range(1, long.num_epochs + 2):  # every sample of `epochs` whole epochs, fewer and more than long's
+        other = GPTDataset(source, range(0, source.num_documents), 8, (epochs * tokens - 1) // 8, seed=3, cache=cache)
+        assert other.num_epochs == epochs
+        n = min(len(other.shuffle_index), len(long.shuffle_index))
+        assert np.array_equal(long.shuffle_index[:n], other.shuffle_index[:n])
 
 
 def test_indices_are_deterministic_and_seeded(source, tmp_path):
