@@ -9,7 +9,7 @@ import numpy as np
 
 from data_prep.records import Problems
 from data_prep.tokenize import STATE_DIR, read_json
-from megatron_mega.data import indexed_dataset
+from megatron_mega.data import indexed_dataset, open_files
 from megatron_mega.data.manifest import Manifest
 from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
 
@@ -44,6 +44,7 @@ def inspect_dataset(path: str, samples: int = 3, verify: bool = True, max_tokens
     if not manifest.shards:
         return lines
 
+    open_files.make_room(len(manifest.shards), manifest.root)
     datasets = [indexed_dataset.IndexedDataset(manifest.shard_prefix(s)) for s in manifest.shards]
     lengths = np.concatenate([_document_lengths(d) for d in datasets])
     q = np.percentile(lengths, [50, 90, 99])

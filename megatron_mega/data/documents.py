@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_mega.data import indexed_dataset
+from megatron_mega.data import indexed_dataset, open_files
 from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
 
 
@@ -41,6 +41,7 @@ class DocumentSource:
                     f"{path}: neither a manifest (a .json file or a folder holding {MANIFEST_NAME}) nor a Megatron "
                     f"prefix ({path}.bin and {path}.idx)")
             prefixes = [path]
+        open_files.make_room(len(prefixes), path)
         self.shards = [indexed_dataset.IndexedDataset(p) for p in prefixes]
         # one sequence per document (data_prep's layout): index the memory-mapped arrays directly, no copies
         self._single = [s.num_documents == len(s) and bool(np.all(np.diff(s.document_indices) == 1))

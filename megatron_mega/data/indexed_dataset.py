@@ -198,6 +198,9 @@ def merge(prefixes: Iterable[str], out_prefix: str) -> None:
     prefixes = list(prefixes)
     if not prefixes:
         raise IndexedDatasetError(f"{out_prefix}: nothing to merge")
+    from megatron_mega.data.open_files import make_room
+
+    make_room(len(prefixes), out_prefix)
     parts = [IndexedDataset(p) for p in prefixes]
     dtypes = {p.dtype for p in parts}
     if len(dtypes) != 1:

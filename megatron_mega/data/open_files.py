@@ -1,0 +1,42 @@
+"""Room for the files a reader keeps open.
+
+Every shard of a dataset keeps two files open while it is read: the memory maps of its .bin and .idx (CPython's
+mmap holds a duplicate of the file's descriptor until the map is closed; 3.13's trackfd=False is not available
+before it). A blend of large corpora, or a merge of a many-task tokenize array without --reshard, reaches
+thousands of shards, past the soft limit of 1024 open files most systems start a process with.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+FILES_PER_SHARD = 2
+# what the process has open besides the shards: the interpreter, torch, the index caches' memory maps (3 per
+# dataset and split, 2 per blend), sockets of the process group, DataLoader pipes
+_HEADROOM = 512
+
+
+def open_files() -> int:
+    """How many files this process has open now (Linux; elsewhere 0, and the headroom covers it)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+def make_room(shards: int, what: str) -> None:
+    """Raises this process's soft limit on open files, up to the hard limit, so that `shards` more shards fit;
+    refuses with the fix when the hard limit is too low. `what`: the dataset, for the message."""
+    needed = open_files() + FILES_PER_SHARD * shards + _HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        from megatron_mega.data.indexed_dataset import IndexedDatasetError
+
+        raise IndexedDatasetError(
+            f"{what}: {shards} shards keep {FILES_PER_SHARD * shards} files open, and this process may open "
+            f"{hard} at most (ulimit -Hn): raise the limit (ulimit -n {needed}, or LimitNOFILE / the cluster's "
+            f"setting), or merge the data into fewer shards (prepare merge --reshard)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else needed, hard))
