@@ -134,14 +134,19 @@ class GPTDataset:
             raise DatasetError(
                 f"{source.path} ({split}): the split gives this dataset no documents (it has "
                 f"{source.num_documents}); change `split` or give the split more data")
-        lengths = source.document_lengths(documents.start, documents.stop)
-        if int(lengths.sum()) == 0:
-            raise DatasetError(f"{source.path} ({split}): documents {documents.start}..{documents.stop - 1} are empty")
         description = gpt_index_description(source, documents, seq_len, num_samples, seed)
         stream = int(source.identity[:15], 16)  # decorrelates datasets of equal size under one seed
-        self.indices = cache.load_or_build(
-            "gpt", description,
-            lambda: build_gpt_indices(lengths, documents.start, seq_len, num_samples, seed, stream))
+
+        def build() -> dict[str, np.ndarray]:
+            # the documents' lengths only where the indices are built: a copy of 8 bytes a document, in every
+            # process, for indices most processes load from the cache
+            lengths = source.document_lengths(documents.start, documents.stop)
+            if int(lengths.sum()) == 0:
+                raise DatasetError(
+                    f"{source.path} ({split}): documents {documents.start}..{documents.stop - 1} are empty")
+            return build_gpt_indices(lengths, documents.start, seq_len, num_samples, seed, stream)
+
+        self.indices = cache.load_or_build("gpt", description, build)
         self._bind()
 
     def _bind(self) -> None:

@@ -74,20 +74,27 @@ class IndexCache:
             logger.info("waiting for another process to build index %s", name)
             lock.acquire()
         try:
-            if os.path.exists(marker):  # built by another process while this one waited
-                return self._load(name, description)
-            logger.info("building index %s in %s", name, self.directory)
-            arrays = build()
-            for array, value in arrays.items():
-                atomic_write_with(os.path.join(self.directory, f"{name}-{array}.npy"),
-                                  lambda tmp, value=value: _save(tmp, value))
-            record = {"kind": kind, "description": description, "arrays": sorted(arrays)}
-            atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True) + "\n")
+            # built by another process while this one waited: loaded after the lock is released, so that the
+            # processes that waited do not load one after another
+            built_elsewhere = os.path.exists(marker)
+            if not built_elsewhere:
+                self._build(name, kind, description, build, marker)
         finally:
             lock.release()
         loaded = self._load(name, description)
-        loaded.built = True
+        loaded.built = not built_elsewhere
         return loaded
+
+    def _build(self, name: str, kind: str, description: dict[str, Any],
+               build: Callable[[], dict[str, np.ndarray]], marker: str) -> None:
+        logger.info("building index %s in %s", name, self.directory)
+        arrays = build()
+        for array, value in arrays.items():
+            atomic_write_with(os.path.join(self.directory, f"{name}-{array}.npy"),
+                              lambda tmp, value=value: _save(tmp, value))
+        # the marker last: a process that finds it finds every array written
+        record = {"kind": kind, "description": description, "arrays": sorted(arrays)}
+        atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def _load(self, name: str, description: dict[str, Any]) -> CachedIndices:
         marker = os.path.join(self.directory, f"{name}.json")

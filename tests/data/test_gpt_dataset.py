@@ -1,5 +1,6 @@
 """Packing documents into seq_len + 1 samples, the epoch/shuffle indices, and the split by documents."""
 
+import os
 import pickle
 
 import numpy as np
@@ -148,3 +149,11 @@ def test_chunked_build_matches_one_chunk(monkeypatch):
     assert all(np.array_equal(whole[k], v) for k, v in build_gpt_indices(lengths, 100, 8, 500, 1, 5).items())
     monkeypatch.setattr(gpt_dataset, "_CHUNK", 50)  # two epochs per chunk
     assert all(np.array_equal(whole[k], v) for k, v in build_gpt_indices(lengths, 100, 8, 500, 1, 5).items())
+
+
+def test_empty_documents_are_refused_and_nothing_is_cached(tmp_path):
+    docs = [np.zeros(0, dtype=np.int64)] * 4 + [np.arange(1, 6)]
+    source = DocumentSource(make_manifest(tmp_path / "ds", docs, shards=2))
+    with pytest.raises(DatasetError, match=r"documents 0\.\.3 are empty"):
+        GPTDataset(source, range(0, 4), 4, 10, seed=0, cache=IndexCache(str(tmp_path / "cache")))
+    assert not [name for name in os.listdir(tmp_path / "cache") if not name.endswith(".lock")]
