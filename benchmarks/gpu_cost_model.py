@@ -140,7 +140,7 @@ class Tally:
 
 # the CPU's fused SDPA, which the GPT's attention dispatches to on these fake CPU tensors where a GPU runs
 # FlashAttention; torch's flop counter has formulas for the CUDA kernels only (priced by bytes alone, the GPT's
-# attention cost ~0.07 ms a layer instead of ~1.5 ms)
+# attention cost ~0.07 ms a layer instead of ~1.6 ms)
 FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu,
                    aten._scaled_dot_product_flash_attention_for_cpu_backward}
 

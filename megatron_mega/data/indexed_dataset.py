@@ -19,6 +19,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from megatron_mega.data.open_files import make_room
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPES: dict[int, type] = {
@@ -198,8 +200,6 @@ def merge(prefixes: Iterable[str], out_prefix: str) -> None:
     prefixes = list(prefixes)
     if not prefixes:
         raise IndexedDatasetError(f"{out_prefix}: nothing to merge")
-    from megatron_mega.data.open_files import make_room
-
     make_room(len(prefixes), out_prefix)
     parts = [IndexedDataset(p) for p in prefixes]
     dtypes = {p.dtype for p in parts}
