@@ -62,6 +62,20 @@ def open_sources(config: DataConfig, tokenizer_sha256: Optional[str]) -> tuple[l
     return sources, tokenizer
 
 
+def checksum_problems(config: DataConfig, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Hash this process's share of the shards of every manifest in `config.paths` against the sha256 their
+    manifests record, and return what does not match (messages naming the file).
+
+    The shards of all the paths are dealt round-robin over `world_size` processes, so a training job reads its
+    corpus once in all rather than once per process (1 TB on 512 ranks would be half a petabyte of reads from the
+    shared filesystem); the caller gathers the problems so every rank stops together. Bare prefixes have no
+    recorded checksums and are skipped."""
+    shards = [(manifest, shard) for manifest in (Manifest.load(p) for p in config.paths if is_manifest_path(p))
+              for shard in manifest.shards]
+    return [problem for manifest, shard in shards[rank::world_size]
+            if (problem := manifest.checksum_problem(shard)) is not None]
+
+
 def build_datasets(config: DataConfig, num_samples: Mapping[str, int],
                    tokenizer_sha256: Optional[str]) -> DatasetSplits:
     """Datasets for each split with num_samples[split] > 0 and a non-zero share in `config.split` (else None).

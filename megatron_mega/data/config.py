@@ -9,7 +9,7 @@
       cache_dir: null                               # index cache (null: index-cache/ beside the first path)
       objective: causal                             # or mlm
       mlm: {mask_prob: 0.15, mask_token_prob: 0.8, random_token_prob: 0.1}
-      verify_checksums: false                       # sha256 every shard against its manifest when opening
+      verify_checksums: false                       # sha256 every shard against its manifest (dealt over ranks)
 
 The number of samples per split is not configuration: the trainer derives it (iterations x global batch) and
 passes it to `build_datasets`.

@@ -139,10 +139,21 @@ class Manifest:
             if str(dataset.dtype) != self.dtype:
                 raise ManifestError(f"shard {shard.prefix}: dtype {dataset.dtype}, the manifest says {self.dtype}")
             if checksums:
-                for kind, expected in (("bin", shard.bin_sha256), ("idx", shard.idx_sha256)):
-                    actual = sha256_file(f"{prefix}.{kind}")
-                    if actual != expected:
-                        raise ManifestError(f"shard {shard.prefix}.{kind}: sha256 {actual} != manifest {expected}")
+                problem = self.checksum_problem(shard)
+                if problem is not None:
+                    raise ManifestError(problem)
+
+    def checksum_problem(self, shard: ShardEntry) -> Optional[str]:
+        """Why `shard`'s files do not hash to what the manifest records, or None when they do."""
+        prefix = self.shard_prefix(shard)
+        for kind, expected in (("bin", shard.bin_sha256), ("idx", shard.idx_sha256)):
+            try:
+                actual = sha256_file(f"{prefix}.{kind}")
+            except OSError as err:
+                return f"{prefix}.{kind}: cannot be read ({err.strerror or err})"
+            if actual != expected:
+                return f"{prefix}.{kind}: sha256 {actual} != manifest {expected}"
+        return None
 
     def check_tokenizer(self, sha256: str, what: str = "the tokenizer given") -> None:
         if sha256 != self.tokenizer.sha256:

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -269,11 +269,31 @@ class Trainer:
         train = cfg.optim.train_steps * lay.global_batch_size + cfg.optim.max_nonfinite_in_a_row * per_micro * 4
         wanted = {"train": train, "valid": max(1, cfg.logging.eval_iters) * per_micro + 1,
                   "test": max(1, cfg.logging.test_iters) * per_micro + 1}
-        splits = build_datasets(cfg.data, wanted, tokenizer_sha256=sha)
+        data = cfg.data
+        if data.verify_checksums:  # hashed once across the job here, not by every process inside build_datasets
+            self._verify_checksums(data)
+            data = replace(data, verify_checksums=False)
+        splits = build_datasets(data, wanted, tokenizer_sha256=sha)
         if splits.tokenizer is not None and splits.tokenizer.vocab_size > cfg.model.vocab_size:
             raise TrainConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                                    f"{splits.tokenizer.vocab_size}")
         return splits
+
+    def _verify_checksums(self, data) -> None:
+        """Every rank hashes its share of the shards; all see every problem, so all stop together (a rank that
+        raised alone would leave the others waiting in their next collective until the timeout)."""
+        from megatron_mega.data.builder import checksum_problems
+        from megatron_mega.data.manifest import ManifestError
+
+        ctx = self.context
+        problems = checksum_problems(data, ctx.rank, ctx.world_size)
+        if ctx.world_size > 1 and dist.is_initialized():
+            gathered: list[Optional[list[str]]] = [None] * ctx.world_size
+            dist.all_gather_object(gathered, problems)
+            problems = [p for share in gathered for p in share or []]
+        if problems:
+            more = f" (and {len(problems) - 1} more shard files)" if len(problems) > 1 else ""
+            raise ManifestError(f"data.verify_checksums: {problems[0]}{more}")
 
     def _pipeline_module(self, init_state: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
         from megatron_mega.parallel import build_pipeline_module

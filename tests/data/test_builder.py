@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from megatron_mega.data.builder import build_datasets
+from megatron_mega.data import manifest as manifest_module
+from megatron_mega.data.builder import build_datasets, checksum_problems
 from megatron_mega.data.config import DataConfig, DataConfigError
 from megatron_mega.data.indexed_dataset import IndexedDatasetError
 from megatron_mega.data.manifest import ManifestError
@@ -44,6 +45,29 @@ def test_checksums_are_verified_when_asked(tmp_path):
     with pytest.raises(ManifestError, match=r"shard-00001.bin: sha256 .* != manifest"):
         build_datasets(config_for(tmp_path, [root], verify_checksums=True), {"train": 10},
                        tokenizer_sha256=TOKENIZER_SHA)
+
+
+def test_checksums_are_dealt_over_the_processes(tmp_path, monkeypatch):
+    """Each shard file of all the paths is hashed by exactly one of the job's processes, and the corrupted one is
+    reported (naming the file) by the process it was dealt to."""
+    a = make_manifest(tmp_path / "a", random_documents(20), shards=3)
+    b = make_manifest(tmp_path / "b", random_documents(20), shards=2)
+    bad = os.path.join(b, "shard-00001.bin")
+    data = bytearray(open(bad, "rb").read())
+    data[-1] ^= 1
+    open(bad, "wb").write(bytes(data))
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+    config = config_for(tmp_path, [a, b])
+    problems = {rank: checksum_problems(config, rank, 3) for rank in range(3)}
+    every = [os.path.join(root, f"shard-{i:05d}.{kind}") for root, n in ((a, 3), (b, 2)) for i in range(n)
+             for kind in ("bin", "idx")]
+    assert sorted(hashed) == sorted(set(every) - {bad[:-4] + ".idx"})  # once each; a bad .bin ends its shard
+    # five shards dealt over three ranks: a's 0,1,2 then b's 0,1 -> b's shard 1 is the fifth, rank 1's
+    assert problems[0] == problems[2] == [] and len(problems[1]) == 1
+    assert problems[1][0].startswith(f"{bad}: sha256 ") and "!= manifest" in problems[1][0]
+    assert checksum_problems(config) == problems[1]  # one process hashes everything
 
 
 def test_mlm_needs_a_mask_token(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import math
 import os
 import signal
@@ -207,8 +208,23 @@ def world2(tiny_dict, tmp_path_factory):
         # 15: ZeRO-3 stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
         job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "relayout3"), checkpoint__exit_at_step=3,
             **steps),
+        # 16: a shard whose bytes changed after preparation, with data.verify_checksums on
+        {**job(tiny_dict, data__paths=[_corrupted_copy(tiny_dict["data"]["paths"][0], out / "corrupt")],
+               data__verify_checksums=True, **steps), "raises": True, "all_ranks": True},
     ]
     return run_jobs(2, jobs, str(out)), out
+
+
+def _corrupted_copy(dataset: str, folder) -> str:
+    """A copy of the prepared dataset whose first shard has one bit flipped (same sizes, so only sha256 tells)."""
+    import shutil
+
+    shutil.copytree(dataset, folder)
+    path = folder / "shard-00000.bin"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return str(folder)
 
 
 def test_zero_stages_give_the_same_losses(world2):
@@ -268,6 +284,16 @@ def test_nonfinite_loss_is_skipped_then_aborts(world2):
     assert all(math.isfinite(v) for v in losses(skipped))
     assert losses(skipped)[0] == losses(results[0])[0]
     assert "3 non-finite losses in a row at iteration 2" in aborted["aborted"]
+
+
+def test_checksum_failure_stops_every_rank(world2):
+    """The shards are dealt over the ranks, so only rank 0 hashes shard 0; both ranks must stop with its error
+    (a rank that raised alone would leave the other in its next collective until the timeout)."""
+    _, out = world2
+    for rank in (0, 1):
+        raised = json.loads((out / f"job16-rank{rank}.json").read_text())["raised"]
+        assert raised.startswith("ManifestError: data.verify_checksums: ")
+        assert "shard-00000.bin: sha256 " in raised and "!= manifest" in raised
 
 
 def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):

@@ -2,7 +2,8 @@
 same processes (DeepSpeed's process group is set up once: the import and init cost is paid once per world).
 
 Each job is {"config": dict, "trainer": name, "kwargs": {...}}; rank 0 (or every rank, with "all_ranks") writes
-the TrainResult (or the abort message) and the log lines it printed as JSON."""
+the TrainResult (or the abort message; with "raises", the error the job raised) and the log lines it printed as
+JSON."""
 
 from __future__ import annotations
 
@@ -194,6 +195,10 @@ def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> 
                                trainer_cls=trainer).__dict__
         except TrainingAborted as err:
             out = {"aborted": str(err)}
+        except Exception as err:  # a job that expects an error ("raises") records it; any other error fails the run
+            if not job.get("raises"):
+                raise
+            out = {"raised": f"{type(err).__name__}: {err}"}
         out["lines"] = lines
         if rank == 0 or job.get("all_ranks"):
             with open(os.path.join(out_dir, f"job{i}-rank{rank}.json"), "w") as fh:
