@@ -33,7 +33,7 @@ ARCHITECTURE_FIELDS = (
     "shared_representation_size", "use_chunking", "chunk_size", "truncation", "normalize_before_mega",
     "normalization_type", "norm_affine", "activation", "attention_activation", "use_normalized_ffn",
     "nffn_hidden_size", "normalize_before_ffn", "max_positions", "add_token_type_embeddings", "type_vocab_size",
-    "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder",
+    "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder", "tie_word_embeddings",
 )
 
 

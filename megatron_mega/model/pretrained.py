@@ -410,6 +410,13 @@ class MegaPreTrainedModel(nn.Module):
                 f"{'; '.join(refused)}. Pass ignore_mismatched_sizes=True to reinitialise them, e.g. for a new "
                 f"number of labels")
         tied = set(self._tied_weights_keys) if self.config.tie_word_embeddings else set()
+        embedding_key = (prefix if has_base else "") + "embedding_layer.word_embeddings.weight"
+        for key in tied & set(to_load):
+            # one tensor here, two in an untied checkpoint: the input embeddings win (as in transformers), and a
+            # head that differs is reported as unused rather than copied over them
+            head = to_load.pop(key)
+            if embedding_key in to_load and not torch.equal(head, to_load[embedding_key]):
+                report.unexpected_keys.append(key)
         ignore = [re.compile(p) for p in self._keys_to_ignore_on_load_missing]
         report.missing_keys = [k for k in own if k not in to_load and k not in tied
                                and not any(p.search(k) for p in ignore)

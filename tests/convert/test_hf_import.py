@@ -30,3 +30,9 @@ def test_architecture_mismatch_names_the_fields(tmp_path):
     MegaForCausalLM(tiny_config(decoder=True, attention_activation="laplace")).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"attention_activation \('laplace' there, 'softmax' here\)"):
         initial_lm_state(str(tmp_path), tiny_config(decoder=True), "causal", seed=0)
+
+
+def test_an_untied_directory_does_not_start_a_tied_run(tmp_path):
+    MegaForCausalLM(tiny_config(decoder=True, tie_word_embeddings=False)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings \(False there, True here\)"):
+        initial_lm_state(str(tmp_path), tiny_config(decoder=True), "causal", seed=0)

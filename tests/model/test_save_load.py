@@ -34,6 +34,24 @@ def test_round_trip_is_exact_and_drops_the_tied_copy(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+def test_an_untied_head_never_overwrites_the_embeddings_of_a_tied_model(tmp_path):
+    """A directory saved with tie_word_embeddings=False holds two tensors; a tied model has one. The input
+    embeddings are kept (as transformers does) and the head that differs is reported as unused, never copied over
+    them: before, whichever of the two was loaded last silently became the embeddings."""
+    torch.manual_seed(0)
+    source = MegaForCausalLM(tiny_config(decoder=True, tie_word_embeddings=False))
+    with torch.no_grad():
+        source.lm_head.weight.normal_()
+    source.save_pretrained(tmp_path)
+    embeddings = source.get_input_embeddings().weight.detach().clone()
+    tied, report = MegaForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=True, output_loading_info=True)
+    assert torch.equal(tied.get_input_embeddings().weight, embeddings)
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert report.unexpected_keys == ["lm_head.weight"] and not report.missing_keys
+    untied = MegaForCausalLM.from_pretrained(tmp_path)  # as saved: both kept
+    assert torch.equal(untied.lm_head.weight, source.lm_head.weight)
+
+
 @pytest.mark.parametrize("source", list(MEGA_HEADS))
 def test_any_head_loads_into_any_other(tmp_path, source):
     """Shared weights are loaded (same MegaModel outputs), head weights are new and listed."""
