@@ -55,7 +55,10 @@ def run_convert(args: argparse.Namespace) -> int:
                                   "head), or pass --bidirectional-to-causal to keep the EMA's forward half")
             state, config = bidirectional_to_causal(source.state_dict(), weights.config)
             source = MegaForCausalLM(config)
-            source.load_checkpoint_state(state, source_architecture="MegaForCausalLM")
+            moved = source.load_checkpoint_state(state, source_architecture="MegaForCausalLM")
+            if moved.missing_keys or moved.unexpected_keys:  # every trained tensor has its place in the decoder
+                raise ExportError(f"--bidirectional-to-causal: tensors without a place in the causal model "
+                                  f"{moved.unexpected_keys}, causal tensors not in the checkpoint {moved.missing_keys}")
             source.eval()
         metadata = {"training step": weights.step, "samples seen": weights.consumed_samples,
                     "tokens seen": weights.tokens_seen, "objective": weights.objective,
@@ -63,7 +66,8 @@ def run_convert(args: argparse.Namespace) -> int:
                     "source": weights.tag_dir}
         report = export_hf(source, args.output, head=head, num_labels=args.num_labels, dtype=args.dtype,
                            tokenizer=tokenizer, metadata=metadata, force=args.force,
-                           max_shard_size=args.max_shard_size)
+                           max_shard_size=args.max_shard_size,
+                           protect=[args.checkpoint, weights.tag_dir] + ([tokenizer_path] if tokenizer_path else []))
     except (TrainingCheckpointError, ExportError, TokenizerError, CheckpointError, ConfigError, OSError) as err:
         # one line, whatever the message holds (nothing was written: the export goes through a temporary folder)
         message = " ".join(str(err).split())
@@ -71,6 +75,8 @@ def run_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {report.output_dir}: {report.architecture} ({report.dtype}) from step {weights.step}, "
           f"self-check max relative difference {report.max_relative_error:.2e}")
+    for path in report.removed_partial:
+        print(f"  removed {path}, the unfinished output of an earlier convert that was killed")
     if report.newly_initialised:
         print(f"  newly initialised head weights: {', '.join(report.newly_initialised)}")
     return 0

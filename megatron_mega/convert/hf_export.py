@@ -3,17 +3,21 @@
 The directory gets `config.json` (`model_type: "mega"`, the head's architecture), `model.safetensors` (sharded past a
 size limit), the tokenizer files, and a README with where the weights came from. It is written to a temporary
 sibling folder, reloaded with the requested head and compared against the source model on a fixed batch; only a
-directory that reproduces the source is moved into place. An existing output is replaced only with `force`.
+directory that reproduces the source is moved into place. An existing output is replaced only with `force`, and
+never when it holds one of the `protect`ed paths (the training checkpoint being converted, its tokenizer). The
+temporary folder of an export killed before it could clean up (`.OUTPUT.xxxxxxxx.partial`) is removed by the next
+export to the same output.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +44,7 @@ class ExportReport:
     max_relative_error: float
     newly_initialised: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    removed_partial: list[str] = field(default_factory=list)  # folders of earlier exports that were killed
 
 
 def _check_batch(config: MegaConfig, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
@@ -72,6 +77,20 @@ def _write_readme(directory: str, architecture: str, dtype: str, config: MegaCon
     atomic_write_text(os.path.join(directory, "README.md"), "\n".join(lines))
 
 
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _remove_partial(parent: str, output_dir: str) -> list[str]:
+    """The temporary folders earlier exports to `output_dir` left when killed (SIGKILL runs no cleanup)."""
+    pattern = re.compile(rf"^\.{re.escape(os.path.basename(output_dir))}\.[a-z0-9_]{{8}}\.partial$")
+    removed = [os.path.join(parent, name) for name in sorted(os.listdir(parent)) if pattern.match(name)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def _remove_empty(directories: list[str]) -> None:
     for directory in directories:  # deepest first
         try:
@@ -91,14 +110,23 @@ def export_hf(
     metadata: Optional[dict[str, Any]] = None,
     force: bool = False,
     max_shard_size: int | str = "5GB",
+    protect: Sequence[str] = (),
 ) -> ExportReport:
     """Export `source` (a megatron_mega MEGA model whose state dict has HF names, e.g. the MegaForCausalLM the
-    training weights were loaded into) as a Hugging Face directory for `head`, self-checked."""
+    training weights were loaded into) as a Hugging Face directory for `head`, self-checked. `protect`: paths the
+    output must not be or contain (replacing it would delete them)."""
     if head not in MEGA_HEADS:
         raise ExportError(f"head {head!r} is not one of {sorted(MEGA_HEADS)}")
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if head == "question-answering" and num_labels not in (None, 2):
+        raise ExportError(f"num_labels {num_labels}: the question-answering head has exactly 2 outputs (start and "
+                          f"end logits), as in transformers")
     output_dir = os.path.abspath(output_dir)
+    for path in protect:
+        if path and _inside(path, output_dir):
+            raise ExportError(f"{output_dir}: holds {path}, which this export reads; writing there would delete "
+                              f"it. Choose another output directory")
     if os.path.exists(output_dir) and not force:
         raise ExportError(f"{output_dir}: exists; pass force to replace it")
     cls = MEGA_HEADS[head]
@@ -115,7 +143,8 @@ def export_hf(
         missing = os.path.dirname(missing)
     os.makedirs(parent, exist_ok=True)
     try:
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
+        removed_partial = _remove_partial(parent, output_dir)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", suffix=".partial", dir=parent)
     except BaseException:
         _remove_empty(made)
         raise
@@ -155,4 +184,5 @@ def export_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
-    return ExportReport(output_dir, head, cls.__name__, dtype, error, report.missing_keys, report.unexpected_keys)
+    return ExportReport(output_dir, head, cls.__name__, dtype, error, report.missing_keys, report.unexpected_keys,
+                        removed_partial)

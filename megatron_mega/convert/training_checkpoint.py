@@ -186,8 +186,9 @@ def bidirectional_to_causal(state: dict[str, torch.Tensor], config: MegaConfig) 
     """The documented encoder -> decoder conversion: keep each EMA's forward (causal) half, drop the backward half.
 
     A bidirectional EMA is two EMAs, the first `hidden_size` rows reading the past and the last `hidden_size` rows
-    the future; a causal model keeps the first. Attention becomes causal (is_decoder). The result is a starting point
-    for causal training, not an equivalent model: the encoder never learnt to work without the future."""
+    the future; a causal model keeps the first. Attention becomes causal (is_decoder). The masked-LM head becomes
+    the causal LM head (`mlm_head.*` -> `lm_head.*`, the trained output bias included). The result is a starting
+    point for causal training, not an equivalent model: the encoder never learnt to work without the future."""
     if not config.bidirectional:
         return state, config
     hidden = config.hidden_size
@@ -195,5 +196,7 @@ def bidirectional_to_causal(state: dict[str, torch.Tensor], config: MegaConfig) 
     for key, value in state.items():
         if key.rsplit(".", 1)[-1] in EMA_PARAMETERS and ".ema_gate." in key:
             value = value[:hidden].clone()
+        if key.startswith("mlm_head."):
+            key = "lm_head." + key[len("mlm_head."):]
         out[key] = value
     return out, config.copy(bidirectional=False, is_decoder=True)

@@ -165,6 +165,31 @@ def test_an_existing_output_is_kept_without_force(tmp_path, tiny, capsys):
     assert "mine.txt" not in os.listdir(tmp_path / "out")
 
 
+def test_force_never_replaces_the_checkpoint_it_converts(tmp_path, tiny, capsys):
+    """An output that is the checkpoint folder, or a folder holding it, would be deleted by --force before the
+    export moved in: refused, and the run is untouched."""
+    run = write_run(tmp_path / "run", tiny)
+    before = sorted(os.listdir(run))
+    for output in (run, str(tmp_path)):
+        assert convert(run, output, force=True) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "which this export reads; writing there would delete it" in err, err
+    assert sorted(os.listdir(run)) == before and convert(run, tmp_path / "out") == 0
+
+
+def test_a_killed_exports_partial_folder_is_removed_by_the_next(tmp_path, tiny, capsys):
+    """SIGKILL leaves the temporary folder (a full copy of the weights) behind; the next export to the same output
+    removes it and says so. Other hidden folders are not touched."""
+    run = write_run(tmp_path / "run", tiny)
+    leftover = tmp_path / ".out.k2x9_q7a.partial"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".other.k2x9_q7a.partial").mkdir()
+    assert convert(run, tmp_path / "out") == 0
+    assert f"removed {leftover}, the unfinished output of an earlier convert" in capsys.readouterr().out
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == [".other.k2x9_q7a.partial"]
+
+
 def test_a_refused_export_leaves_no_parent_folders(tmp_path, tiny, capsys):
     run = write_run(tmp_path / "run", tiny)
     out = tmp_path / "a" / "b" / "out"

@@ -138,6 +138,9 @@ def test_encoder_to_causal_is_refused_unless_asked(runs, tmp_path, capsys):
     encoder = MegaForMaskedLM.from_pretrained(tmp_path / "mlm")
     kept = causal.mega.layers[0].mega_layer.ema_gate.damping_factor
     assert torch.equal(kept, encoder.mega.layers[0].mega_layer.ema_gate.damping_factor[:kept.shape[0]])
+    # the trained output layer moves with it (it was left freshly initialised, unreported)
+    assert torch.equal(causal.lm_head.bias, encoder.mlm_head.bias) and causal.lm_head.bias.abs().sum() > 0
+    assert torch.equal(causal.lm_head.weight, encoder.mlm_head.weight)
 
 
 def test_each_head_loads_in_transformers_with_the_same_outputs(runs, tmp_path, reference_runner):

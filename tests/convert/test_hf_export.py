@@ -78,3 +78,7 @@ def test_bad_arguments(tmp_path, trained_like):
         hf_export.export_hf(trained_like, str(tmp_path / "x"), head="seq2seq")
     with pytest.raises(hf_export.ExportError, match="dtype"):
         hf_export.export_hf(trained_like, str(tmp_path / "x"), dtype="int8")
+    # a question-answering head with 3 outputs would save, then fail in every forward (ours and transformers')
+    with pytest.raises(hf_export.ExportError, match=r"^num_labels 3: the question-answering head has exactly 2"):
+        hf_export.export_hf(trained_like, str(tmp_path / "x"), head="question-answering", num_labels=3)
+    assert os.listdir(tmp_path) == []
