@@ -17,7 +17,9 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--text-pair-key", default=None)
     parser.add_argument("--label-key", default="label")
-    parser.add_argument("--num-labels", type=int, default=2)
+    parser.add_argument("--num-labels", type=int, default=None,
+                        help="default: from the labels (class names, distinct strings, largest int + 1; float "
+                             "labels are regression, 1)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -32,6 +34,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
     from megatron_mega.finetune.examples import ExamplesError, load_examples
     from megatron_mega.finetune.loop import FinetuneSettings, finetune
+    from megatron_mega.model.config import ConfigError
     from megatron_mega.model.pretrained import CheckpointError
 
     try:
@@ -47,7 +50,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             split = train_set.train_test_split(test_size=0.1, seed=args.seed)
             train_set, eval_set = split["train"], split["test"]
         result = finetune(args.model, train_set, eval_set, settings, tokenizer, output_dir=args.output)
-    except (ExamplesError, TokenizerError, CheckpointError) as err:
+    except (ExamplesError, TokenizerError, CheckpointError, ConfigError) as err:
         print(f"megatron-mega finetune: error: {err}", file=sys.stderr)
         return 2
     print(f"finished in {result.seconds:.1f} s: eval {result.eval_before} -> {result.eval_after}")

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from megatron_mega.finetune.examples import TASKS, Encoder, ExamplesError
+from megatron_mega.finetune.examples import TASKS, Encoder, ExamplesError, infer_labels
+from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.heads import IGNORE_INDEX, MEGA_HEADS
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class FinetuneSettings:
     task: str = "sequence-classification"
-    num_labels: int = 2
+    num_labels: Optional[int] = None  # None: from the labels (see examples.infer_labels)
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
@@ -40,7 +41,7 @@ class FinetuneSettings:
         if self.task not in TASKS:
             raise ExamplesError(f"task: {self.task!r} is not one of {TASKS}")
         for name in ("num_labels", "epochs", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ExamplesError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
@@ -54,6 +55,7 @@ class FinetuneResult:
 
 @torch.no_grad()
 def evaluate(model, encoder: Encoder, dataset, batch_size: int) -> dict[str, float]:
+    """Mean loss over the batches, and accuracy over labelled positions for classification (not regression)."""
     model.eval()
     total_loss, batches, correct, counted = 0.0, 0, 0, 0
     for batch in encoder.batches(dataset, batch_size):
@@ -61,7 +63,7 @@ def evaluate(model, encoder: Encoder, dataset, batch_size: int) -> dict[str, flo
         total_loss += float(out.loss)
         batches += 1
         labels = batch["labels"]
-        if labels.dtype == torch.long:
+        if not encoder.labels.regression:
             predictions = out.logits.argmax(-1)
             keep = labels != IGNORE_INDEX
             correct += int((predictions[keep] == labels[keep]).sum())
@@ -75,16 +77,22 @@ def evaluate(model, encoder: Encoder, dataset, batch_size: int) -> dict[str, flo
 def finetune(model_dir: str, train_set, eval_set, settings: FinetuneSettings, tokenizer,
              output_dir: Optional[str] = None, print_fn=print) -> FinetuneResult:
     cls = MEGA_HEADS[settings.task]
-    overrides = {"num_labels": settings.num_labels, "is_decoder": False}
-    torch.manual_seed(settings.seed)
-    model, report = cls.from_pretrained(model_dir, ignore_mismatched_sizes=True, output_loading_info=True,
-                                        **overrides)
-    print_fn(f"loaded {cls.__name__} from {model_dir}: {len(report.loaded_keys)} tensors; new: "
-             f"{', '.join(report.missing_keys + [k for k, _, _ in report.mismatched_keys]) or 'none'}")
     encoder = Encoder(settings.task, tokenizer, settings.text_key, settings.label_key, settings.max_length,
                       settings.text_pair_key)
     encoder.check_columns(train_set, "train")
     encoder.check_columns(eval_set, "eval")
+    saved = MegaConfig.from_pretrained(model_dir)
+    # a directory fine-tuned for this task before names its classes; a pretrained LM's default labels name none
+    tuned_before = (saved.architectures or [None])[0] == cls.__name__
+    encoder.labels = infer_labels([("train", train_set), ("eval", eval_set)], settings.task, settings.label_key,
+                                  settings.num_labels, saved.label2id if tuned_before else None)
+    torch.manual_seed(settings.seed)
+    model, report = cls.from_pretrained(model_dir, ignore_mismatched_sizes=True, output_loading_info=True,
+                                        is_decoder=False, **encoder.labels.config_overrides())
+    print_fn(f"loaded {cls.__name__} from {model_dir}: {len(report.loaded_keys)} tensors; new: "
+             f"{', '.join(report.missing_keys + [k for k, _, _ in report.mismatched_keys]) or 'none'}; "
+             f"{encoder.labels.num_labels} label(s)"
+             + ("" if encoder.labels.names is None else f": {', '.join(map(str, encoder.labels.names[:10]))}"))
     result = FinetuneResult()
     result.eval_before = evaluate(model, encoder, eval_set, settings.batch_size)
     print_fn(f"before: eval {_fmt(result.eval_before)}")
