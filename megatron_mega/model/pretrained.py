@@ -137,6 +137,44 @@ def _saved_architectures(directory: str) -> list[str]:
         return json.load(fh).get("architectures") or []
 
 
+# transformers' loading options that change nothing for a local directory: accepted (code written for transformers
+# passes them) and neither stored nor acted on
+_LOCAL_NO_OPS = frozenset({"local_files_only", "low_cpu_mem_usage", "use_safetensors", "trust_remote_code",
+                           "cache_dir", "force_download", "token", "proxies", "attn_implementation"})
+
+
+def _resolve_dtype(value: Any, config: MegaConfig, state: dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+    """transformers' `dtype` argument: a torch dtype, its name ("bfloat16", "torch.float16"), or "auto" (config.json's
+    `dtype`, else the checkpoint's floating-point dtype); None keeps float32."""
+    if value is None:
+        return None
+    given = value
+    if value == "auto":
+        if config.dtype is None:
+            return next((t.dtype for t in state.values() if t.is_floating_point()), None)
+        value = config.dtype
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise CheckpointError(f"dtype: {given!r} is not a floating-point dtype (torch.bfloat16, 'float16', 'auto', ...)")
+    return value
+
+
+def _device_for(device_map: Any) -> torch.device:
+    """transformers' `device_map` as one device: "auto" (the GPU when there is one), "cuda", "cpu", 0, ..."""
+    if isinstance(device_map, dict):
+        raise CheckpointError("device_map: a per-module map is not supported (MEGA models are loaded whole); pass one "
+                              "device: 'auto', 'cuda', 'cpu' or a GPU index")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"device_map: {device_map!r} is not a device") from None
+
+
 class MegaPreTrainedModel(nn.Module):
     config_class = MegaConfig
     base_model_prefix = "mega"
@@ -323,7 +361,9 @@ class MegaPreTrainedModel(nn.Module):
                      "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
             atomic_write_text(os.path.join(save_directory, SAFE_WEIGHTS_INDEX_NAME),
                               json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config = self.config.copy(architectures=[type(self).__name__])
+        # the weights' dtype, as transformers records it (dtype="auto" loads them so)
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        config = self.config.copy(architectures=[type(self).__name__], dtype=str(dtype).removeprefix("torch."))
         config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
 
     # ------------------------------------------------------------------ load
@@ -333,31 +373,47 @@ class MegaPreTrainedModel(nn.Module):
         pretrained_model_name_or_path: str | os.PathLike,
         *,
         config: Optional[MegaConfig] = None,
-        dtype: Optional[torch.dtype] = None,
-        torch_dtype: Optional[torch.dtype] = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
         ignore_mismatched_sizes: bool = False,
         output_loading_info: bool = False,
+        device_map: Any = None,
+        revision: Optional[str] = None,
         **config_overrides: Any,
     ):
+        """transformers' signature: keyword arguments that are config fields (or keys of the saved config.json)
+        override the config; `dtype` may be a name or "auto"; `device_map` one device; an unknown keyword is a
+        TypeError, as transformers' model constructor raises, rather than a field silently saved with the model."""
         directory = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(directory):
             raise CheckpointError(
                 f"{directory}: not a directory (only local checkpoint directories can be loaded; nothing is "
                 f"downloaded)")
+        if revision not in (None, "main"):
+            raise CheckpointError(f"revision: {revision!r}; only a local directory's files can be loaded")
+        for name in _LOCAL_NO_OPS & set(config_overrides):
+            config_overrides.pop(name)
         if config is None:
-            config = MegaConfig.from_pretrained(directory, **config_overrides)
-        elif config_overrides:
+            config = MegaConfig.from_pretrained(directory)
+        known = set(MegaConfig.field_names()) | {"num_labels"} | set(config.extra)
+        unknown = sorted(set(config_overrides) - known)
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) {unknown}: neither "
+                            f"MegaConfig fields nor loading options")
+        if config_overrides:
             config = config.copy(**config_overrides)
         model = cls(config)
         state = read_state_dict(directory)
+        target_dtype = _resolve_dtype(dtype if dtype is not None else torch_dtype, config, state)
         saved_architectures = _saved_architectures(directory)
         report = model.load_checkpoint_state(state, ignore_mismatched_sizes=ignore_mismatched_sizes,
                                              source=directory,
                                              source_architecture=saved_architectures[0] if saved_architectures
                                              else None)
-        target_dtype = dtype or torch_dtype
         if target_dtype is not None:
             model.to(target_dtype)
+        if device_map is not None:
+            model.to(_device_for(device_map))
         model.eval()
         message = report.summary(cls.__name__, directory)
         (logger.warning if report.missing_keys or report.unexpected_keys else logger.info)(message)

@@ -149,6 +149,38 @@ def test_dtype_on_load(tmp_path):
     assert model(token_ids(1, 4)).last_hidden_state.dtype == torch.bfloat16
 
 
+def test_dtype_names_auto_and_the_saved_dtype(tmp_path):
+    """transformers' dtype forms: a name, "torch.<name>", "auto" (config.json's `dtype`, which save_pretrained
+    records from the weights: a bfloat16 directory loads as bfloat16)."""
+    MegaModel(tiny_config()).save_pretrained(tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    for name, expected in (("bfloat16", torch.bfloat16), ("torch.float16", torch.float16), ("auto", torch.float32)):
+        assert MegaModel.from_pretrained(tmp_path / "fp32", dtype=name).dtype == expected, name
+    MegaModel.from_pretrained(tmp_path / "fp32", dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert MegaModel.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
+    assert MegaModel.from_pretrained(tmp_path / "bf16").dtype == torch.float32  # no dtype: float32, as transformers
+    with pytest.raises(CheckpointError, match=r"^dtype: 'int8' is not a floating-point dtype"):
+        MegaModel.from_pretrained(tmp_path / "fp32", dtype="int8")
+
+
+def test_loading_keywords_are_options_config_fields_or_an_error(tmp_path):
+    MegaForSequenceClassification(tiny_config()).save_pretrained(tmp_path)
+    model = MegaForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=3, ignore_mismatched_sizes=True, device_map="cpu", local_files_only=True,
+        low_cpu_mem_usage=True, revision="main")
+    assert model.config.num_labels == 3 and model.device == torch.device("cpu")
+    model.save_pretrained(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert not {"device_map", "local_files_only", "low_cpu_mem_usage", "revision"} & set(saved)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['num_label'\]"):
+        MegaForSequenceClassification.from_pretrained(tmp_path, num_label=3)  # a typo is not a new config field
+    with pytest.raises(CheckpointError, match="revision: 'v2'"):
+        MegaForSequenceClassification.from_pretrained(tmp_path, revision="v2")
+    with pytest.raises(CheckpointError, match="device_map: a per-module map is not supported"):
+        MegaForSequenceClassification.from_pretrained(tmp_path, device_map={"": 0})
+
+
 def test_resize_token_embeddings_keeps_rows_and_ties():
     model = MegaForCausalLM(tiny_config(decoder=True)).eval()
     ids = token_ids(1, 6)
