@@ -36,8 +36,11 @@ def _encode(head: MegaPreTrainedModel, input_ids, attention_mask, token_type_ids
 
 
 def _as_tuple(loss, head_outputs: tuple, base_outputs) -> tuple:
-    """transformers' return_dict=False layout: (loss?, head outputs..., hidden_states, attentions)."""
-    rest = (base_outputs.hidden_states, base_outputs.attentions)
+    """transformers' MEGA return_dict=False layout, position for position (code indexing `outputs[2]` ports
+    unchanged): (loss if any, head outputs..., hidden_states, past_key_values, attentions, cross_attentions),
+    Nones kept, as its heads build it from MegaModel's tuple (`(logits,) + outputs[2:]`)."""
+    rest = (base_outputs.hidden_states, base_outputs.past_key_values, base_outputs.attentions,
+            base_outputs.cross_attentions)
     out = head_outputs + rest
     return (loss,) + out if loss is not None else out
 
@@ -133,7 +136,7 @@ class MegaForCausalLM(_LMHeadModel, MegaGenerationMixin):
             result.loss = self.lm_loss(hidden[:, :-1], labels[:, 1:])
             self.logits_later(result, hidden)
         if not return_dict:
-            return _as_tuple(result.loss, (result.logits, outputs.past_key_values), outputs)
+            return _as_tuple(result.loss, (result.logits,), outputs)
         return result
 
 

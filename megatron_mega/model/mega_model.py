@@ -136,5 +136,5 @@ class MegaModel(MegaPreTrainedModel):
             last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden_states,
             past_key_values=next_cache, attentions=all_attentions)
         if not return_dict:
-            return (hidden_states, pooled, all_hidden_states, next_cache, all_attentions)
+            return (hidden_states, pooled, all_hidden_states, next_cache, all_attentions, None)  # transformers' order
         return output

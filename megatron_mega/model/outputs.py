@@ -1,6 +1,8 @@
-"""Output containers with transformers' names: attribute access, `out["logits"]`, `out[0]`, `to_tuple()`.
+"""Output containers with transformers' names: attribute access, `out["logits"]`, `out[0]`, `to_tuple()`, and the
+mapping protocol (`"loss" in out`, `keys()`, `items()`, `values()`, `get()`).
 
-Like transformers' ModelOutput, fields that are None are skipped by integer indexing and `to_tuple()`.
+Like transformers' ModelOutput (an OrderedDict of the fields that are set), fields that are None are not keys and
+are skipped by integer indexing and `to_tuple()`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ class ModelOutput:
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
     def __getitem__(self, key: int | str | slice) -> Any:
         if isinstance(key, str):

@@ -101,6 +101,28 @@ def test_outputs_expose_hidden_states_attentions_and_tuples():
     assert torch.equal(out["logits"], out.logits) and torch.equal(out[0], out.logits)
     as_tuple = model(ids, return_dict=False)
     assert torch.equal(as_tuple[0], out.logits)
+    assert "logits" in out and "loss" not in out and out.get("loss", 1) == 1 and dict(out.items()).keys() == {
+        "logits", "hidden_states", "attentions"}
+
+
+def test_tuples_keep_transformers_positions():
+    """return_dict=False gives transformers' MEGA tuples position for position, Nones kept: (loss?, head outputs,
+    hidden_states, past_key_values, attentions, cross_attentions) — so `outputs[2]` means the same in both."""
+    ids = token_ids(2, 6)
+    classifier = MegaForSequenceClassification(tiny_config(num_labels=3)).eval()
+    out = classifier(ids, labels=torch.tensor([0, 2]), output_hidden_states=True, return_dict=False)
+    assert len(out) == 6 and out[0].ndim == 0 and out[1].shape == (2, 3) and len(out[2]) == 3
+    assert out[3] is None and out[4] is None and out[5] is None
+    causal = MegaForCausalLM(tiny_config(decoder=True)).eval()
+    out = causal(ids, use_cache=True, output_attentions=True, return_dict=False)
+    assert len(out) == 5 and out[0].shape == (2, 6, 97) and out[1] is None  # no hidden states asked for
+    assert type(out[2]).__name__ == "MegaCache"
+    assert len(out[3]) == 2 and out[4] is None
+    qa = MegaForQuestionAnswering(tiny_config()).eval()
+    start, end, hidden, cache, attentions, cross = qa(ids, return_dict=False)
+    assert start.shape == end.shape == (2, 6) and hidden is cache is attentions is cross is None
+    base = MegaModel(tiny_config()).eval()(ids, return_dict=False)
+    assert len(base) == 6 and base[0].shape == (2, 6, 32)
 
 
 def test_token_types_change_the_output_and_default_to_type_zero():
