@@ -118,6 +118,10 @@ def split_files(paths: list[str], sizes: list[int], num_jobs: int, job_index: in
 
 # ---- local files ------------------------------------------------------------------------------------------------
 
+# a UTF-8 byte-order mark (Windows editors and spreadsheet tools write one) is not text: dropped from every format
+BOM = b"\xef\xbb\xbf"
+CSV_FIELD_LIMIT = 2**31 - 1  # the C long csv.field_size_limit takes on every platform
+
 
 @dataclass
 class FileSource:
@@ -173,13 +177,15 @@ class FileSource:
     def _json_lines(self) -> Iterator[tuple[int, int, Any]]:
         with self._open() as fh:
             for number, line in enumerate(fh, 1):
+                if number == 1:
+                    line = line.removeprefix(BOM)
                 if not line.isspace():  # blank lines separate nothing and are not records
                     yield number, JSON_LINE, line
 
     def _json(self) -> Iterator[tuple[int, int, Any]]:
         """A JSON array of objects, or (anything else) JSON Lines under a .json name."""
         with self._open() as fh:
-            head = fh.read(1 << 16)
+            head = fh.read(1 << 16).removeprefix(BOM)
             first = head.lstrip()[:1]
             if first != b"[":
                 self._json_array = False
@@ -212,19 +218,23 @@ class FileSource:
     def _txt(self) -> Iterator[tuple[int, int, Any]]:
         with self._open() as fh:
             if self.txt_unit == "file":
-                data = fh.read()
+                data = fh.read().removeprefix(BOM)
                 if data:
                     yield 1, RAW, data
                 return
             if self.txt_unit == "line":
                 for number, line in enumerate(fh, 1):
-                    if not line.isspace():
+                    if number == 1:
+                        line = line.removeprefix(BOM)
+                    if line and not line.isspace():
                         yield number, RAW, line.rstrip(b"\r\n")
                 return
             lines: list[bytes] = []
             first = 0
             for number, line in enumerate(fh, 1):
-                if line.isspace():
+                if number == 1:
+                    line = line.removeprefix(BOM)
+                if not line or line.isspace():
                     if lines:
                         yield first, RAW, b"".join(lines).rstrip(b"\r\n")
                         lines = []
@@ -236,6 +246,8 @@ class FileSource:
                 yield first, RAW, b"".join(lines).rstrip(b"\r\n")
 
     def _csv(self, delimiter: str) -> Iterator[tuple[int, int, Any]]:
+        # the csv module refuses fields over 128 KiB by default: a book in one cell would end the file there
+        csv.field_size_limit(CSV_FIELD_LIMIT)
         with self._open() as raw:
             # surrogateescape: a bad byte becomes a lone surrogate that the worker reports as invalid UTF-8
             text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")

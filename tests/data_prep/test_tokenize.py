@@ -183,3 +183,28 @@ def test_a_folder_being_written_is_locked(tmp_path, tokenizer_dir, corpus_docs):
 
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_byte_order_marks_and_long_csv_cells(tmp_path, tokenizer_dir):
+    """A UTF-8 byte-order mark opens no document in any format (before: the first JSON line was skipped as invalid,
+    a JSON array was read as lines and lost elements, a .txt document began with U+FEFF), and a CSV cell over the
+    csv module's 128 KiB default is read whole (before: the rest of the file was lost as one unreadable record)."""
+    tok = Tokenizer.load(tokenizer_dir)
+    bom = b"\xef\xbb\xbf"
+    inputs = {"a.jsonl": bom + b'{"text": "first doc"}\n{"text": "second"}\n',
+              "b.json": bom + b'[\n {"text": "x"},\n {"text": "y"}\n]\n',
+              "c.txt": bom + b"Hello world",
+              "d.csv": bom + b"text\nhello\n"}
+    for name, data in inputs.items():
+        (tmp_path / name).write_bytes(data)
+    for unit in ("file", "line", "paragraph"):
+        out = tmp_path / f"out-{unit}"
+        tokenize(out, tokenizer_dir, [tmp_path / n for n in inputs], txt_unit=unit)
+        assert [tok.decode(d) for d in documents(out)] == ["first doc", "second", "x", "y", "Hello world", "hello"]
+        assert not Manifest.load(str(out)).skipped
+    long = "word " * 40_000  # 200,000 characters in one cell
+    with open(tmp_path / "long.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["text"], [long], ["after"]])
+    tokenize(tmp_path / "out-long", tokenizer_dir, [tmp_path / "long.csv"])
+    decoded = [tok.decode(d) for d in documents(tmp_path / "out-long")]
+    assert len(decoded) == 2 and decoded[0].split() == long.split() and decoded[1] == "after"
