@@ -46,6 +46,8 @@ def inspect_dataset(path: str, samples: int = 3, verify: bool = True, max_tokens
 
     open_files.make_room(len(manifest.shards), manifest.root)
     datasets = [indexed_dataset.IndexedDataset(manifest.shard_prefix(s)) for s in manifest.shards]
+    for dataset in datasets:
+        dataset.check_layout()  # also under --no-verify: it reads the index only, which the report reads anyway
     lengths = np.concatenate([_document_lengths(d) for d in datasets])
     q = np.percentile(lengths, [50, 90, 99])
     lines.append(f"  document length (tokens, EOD included): min {lengths.min():,}, median {q[0]:,.0f}, "

@@ -69,6 +69,13 @@ class DocumentSource:
     def num_documents(self) -> int:
         return int(self._starts[-1])
 
+    def check_layout(self) -> None:
+        """Every shard's index, read whole and checked (IndexedDataset.check_layout); once per instance."""
+        if not getattr(self, "_layout_checked", False):
+            for shard in self.shards:
+                shard.check_layout()
+            self._layout_checked = True
+
     def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
         """Token counts of documents `start:stop` (int64, a copy)."""
         stop = self.num_documents if stop is None else stop

@@ -139,7 +139,9 @@ class GPTDataset:
 
         def build() -> dict[str, np.ndarray]:
             # the documents' lengths only where the indices are built: a copy of 8 bytes a document, in every
-            # process, for indices most processes load from the cache
+            # process, for indices most processes load from the cache. The whole index is checked here too, so a
+            # damaged one fails now, naming its file, not in a loader worker mid-training
+            source.check_layout()
             lengths = source.document_lengths(documents.start, documents.stop)
             if int(lengths.sum()) == 0:
                 raise DatasetError(

@@ -161,11 +161,38 @@ class IndexedDataset:
         self.sequence_pointers = np.frombuffer(self._index, dtype=np.int64, count=count, offset=offset)
         offset += count * 8
         self.document_indices = np.frombuffer(self._index, dtype=np.int64, count=doc_count, offset=offset)
+        # O(1) checks here (every process opens every shard); check_layout() reads the whole index
+        if doc_count < 1 or int(self.document_indices[0]) != 0 or int(self.document_indices[-1]) != count:
+            found = (f"{int(self.document_indices[0])}..{int(self.document_indices[-1])}" if doc_count else "none")
+            raise IndexedDatasetError(f"{idx}: document indices must run from 0 to the sequence count {count} "
+                                      f"(found {found} in {doc_count} entries); not Megatron's layout")
         bin_size = os.path.getsize(binary)
         needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if count else 0
         if bin_size < needed:
             raise IndexedDatasetError(f"{binary}: truncated ({bin_size} bytes, the index needs {needed})")
         self._data = np.memmap(binary, mode="r", dtype=np.uint8) if bin_size else np.zeros(0, dtype=np.uint8)
+
+    def check_layout(self, block: int = 1 << 22) -> None:
+        """Raise IndexedDatasetError unless every sequence has a non-negative length and lies inside the .bin, and
+        the document indices never decrease. Reads the whole index once, in blocks (20 bytes a sequence): for the
+        one process that builds sample indices, `prepare inspect` and `merge`, not for every open."""
+        idx, binary = index_path(self.prefix), data_path(self.prefix)
+        bin_size = len(self._data)
+        for lo in range(0, len(self), block):
+            lengths = self.sequence_lengths[lo:lo + block].astype(np.int64)
+            pointers = self.sequence_pointers[lo:lo + block]
+            bad = np.flatnonzero((lengths < 0) | (pointers < 0) | (pointers + lengths * self.dtype.itemsize > bin_size))
+            if bad.size:
+                i = int(bad[0])
+                raise IndexedDatasetError(f"{idx}: sequence {lo + i} (length {int(lengths[i])}, byte offset "
+                                          f"{int(pointers[i])}) does not lie inside {binary} ({bin_size} bytes)")
+        for lo in range(0, self.num_documents, block):
+            part = self.document_indices[lo:lo + block + 1]
+            bad = np.flatnonzero(np.diff(part) < 0)
+            if bad.size:
+                i = int(bad[0])
+                raise IndexedDatasetError(f"{idx}: document indices decrease at document {lo + i} "
+                                          f"({int(part[i])} then {int(part[i + 1])})")
 
     def __len__(self) -> int:
         return len(self.sequence_lengths)
@@ -202,6 +229,8 @@ def merge(prefixes: Iterable[str], out_prefix: str) -> None:
         raise IndexedDatasetError(f"{out_prefix}: nothing to merge")
     make_room(len(prefixes), out_prefix)
     parts = [IndexedDataset(p) for p in prefixes]
+    for part in parts:
+        part.check_layout()  # a damaged part would be copied into the merged files
     dtypes = {p.dtype for p in parts}
     if len(dtypes) != 1:
         raise IndexedDatasetError(f"{out_prefix}: cannot merge datasets of dtypes {sorted(map(str, dtypes))}")

@@ -110,6 +110,9 @@ class Manifest:
                 data = json.load(fh)
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: not a megatron_mega dataset manifest (a JSON {type(data).__name__}, not an "
+                                f"object)")
         if data.get("format") != FORMAT:
             raise ManifestError(f"{path}: not a megatron_mega dataset manifest (format {data.get('format')!r})")
         if data.get("version") != VERSION:
@@ -120,7 +123,11 @@ class Manifest:
                            sources=list(data.get("sources", [])), root=os.path.dirname(os.path.abspath(path)))
         except (KeyError, TypeError) as err:
             raise ManifestError(f"{path}: malformed manifest ({err})") from None
-        if np.dtype(manifest.dtype) not in indexed_dataset.CODES:
+        try:
+            known = np.dtype(manifest.dtype) in indexed_dataset.CODES
+        except TypeError:
+            known = False
+        if not known:
             raise ManifestError(f"{path}: dtype {manifest.dtype!r} has no Megatron code")
         return manifest
 

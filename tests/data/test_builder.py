@@ -98,3 +98,25 @@ def test_splits_are_disjoint_by_documents(tmp_path):
         seen[name] = set((tokens[tokens != EOS] - 100).tolist())
     assert seen["train"] == set(range(0, 42)) and seen["valid"] == set(range(42, 54))
     assert seen["test"] == set(range(54, 60))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: [m], r"not a megatron_mega dataset manifest \(a JSON list, not an object\)"),
+    (lambda m: {**m, "format": "other"}, r"not a megatron_mega dataset manifest \(format 'other'\)"),
+    (lambda m: {**m, "dtype": "uint161"}, r"dtype 'uint161' has no Megatron code"),
+    (lambda m: {**m, "dtype": "uint32"}, r"dtype 'uint32' has no Megatron code"),
+    (lambda m: {**m, "tokenizer": None}, r"malformed manifest"),
+    (lambda m: {**m, "shards": ["shard-00000"]}, r"malformed manifest"),
+])
+def test_a_malformed_manifest_is_one_error_naming_it(tmp_path, change, message):
+    """Each used to be a TypeError or AttributeError traceback from `prepare inspect` or training."""
+    import json
+
+    root = make_manifest(tmp_path / "ds", random_documents(5))
+    path = os.path.join(root, "manifest.json")
+    with open(path) as fh:
+        data = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump(change(data), fh)
+    with pytest.raises(ManifestError, match=f"^{path}: {message}"):
+        build_datasets(config_for(tmp_path, [root]), {"train": 1}, tokenizer_sha256=None)

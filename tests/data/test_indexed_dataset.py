@@ -98,3 +98,51 @@ def test_corrupt_files_give_clear_errors(tmp_path):
     open(f"{prefix}.bin", "wb").write(b"\x00")
     with pytest.raises(ix.IndexedDatasetError, match=r"c.bin: truncated"):
         ix.IndexedDataset(prefix)
+
+
+def _write_raw(prefix, lengths, pointers, documents, bin_tokens=16):
+    """An .idx written byte by byte from the format description, whatever its content."""
+    np.arange(bin_tokens, dtype=np.uint16).tofile(f"{prefix}.bin")
+    with open(f"{prefix}.idx", "wb") as fh:
+        fh.write(struct.pack("<9sQBQQ", b"MMIDIDX\x00\x00", 1, 8, len(lengths), len(documents)))
+        for values, dtype in ((lengths, "<i4"), (pointers, "<i8"), (documents, "<i8")):
+            fh.write(np.array(values, dtype).tobytes())
+    return prefix
+
+
+@pytest.mark.parametrize("lengths, pointers, documents, on_open, message", [
+    # documents must run from 0 to the sequence count: checked on every open (O(1))
+    ([2, 3], [0, 4], [1, 2], True, r"document indices must run from 0 to the sequence count 2 \(found 1\.\.2"),
+    ([2, 3], [0, 4], [], True, r"document indices must run from 0 to the sequence count 2 \(found none"),
+    # the rest needs the whole index: check_layout (the index build, inspect, merge)
+    ([2, 3, 1], [0, 4, 10], [0, 2, 1, 3], False, r"document indices decrease at document 1 \(2 then 1\)"),
+    ([2, -1, 1], [0, 4, 2], [0, 1, 2, 3], False, r"sequence 1 \(length -1, byte offset 4\) does not lie inside"),
+    ([2, 3, 1], [0, 40, 8], [0, 1, 2, 3], False, r"sequence 1 \(length 3, byte offset 40\) does not lie inside"),
+])
+def test_an_inconsistent_index_is_refused(tmp_path, lengths, pointers, documents, on_open, message):
+    """Sizes that agree are not enough: an index whose documents drop sequences or run backwards, or whose
+    sequences have negative lengths or point outside the .bin, used to open and fail (or serve wrong tokens) only
+    when a sample was read, in a loader worker mid-training."""
+    prefix = _write_raw(str(tmp_path / "bad"), lengths, pointers, documents)
+    if on_open:
+        with pytest.raises(ix.IndexedDatasetError, match=message):
+            ix.IndexedDataset(prefix)
+        return
+    dataset = ix.IndexedDataset(prefix)
+    with pytest.raises(ix.IndexedDatasetError, match=message):
+        dataset.check_layout()
+    with pytest.raises(ix.IndexedDatasetError, match=message):
+        ix.merge([prefix], str(tmp_path / "merged"))
+    assert not list(tmp_path.glob("merged*"))
+    good = _write_raw(str(tmp_path / "good"), [2, 3, 1], [0, 4, 10], [0, 1, 3])
+    ix.IndexedDataset(good).check_layout()
+
+
+def test_the_index_build_checks_the_layout(tmp_path):
+    from megatron_mega.data.documents import DocumentSource
+    from megatron_mega.data.gpt_dataset import GPTDataset
+    from megatron_mega.data.index_cache import IndexCache
+
+    prefix = _write_raw(str(tmp_path / "bad"), [2, -1, 5], [0, 4, 2], [0, 1, 2, 3])
+    with pytest.raises(ix.IndexedDatasetError, match=r"sequence 1 \(length -1"):
+        GPTDataset(DocumentSource(prefix), range(0, 3), 2, 4, 0, IndexCache(str(tmp_path / "cache")), "train")
