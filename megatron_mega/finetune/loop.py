@@ -19,6 +19,7 @@ import torch
 from megatron_mega.finetune.examples import TASKS, Encoder, ExamplesError, infer_labels
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.heads import IGNORE_INDEX, MEGA_HEADS
+from megatron_mega.model.pretrained import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def finetune(model_dir: str, train_set, eval_set, settings: FinetuneSettings, to
                       settings.text_pair_key)
     encoder.check_columns(train_set, "train")
     encoder.check_columns(eval_set, "eval")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CheckpointError(f"{model_dir}: no config.json; not a Hugging Face model directory (convert a training "
+                              f"checkpoint with `megatron-mega convert` first)")
     saved = MegaConfig.from_pretrained(model_dir)
     # a directory fine-tuned for this task before names its classes; a pretrained LM's default labels name none
     tuned_before = (saved.architectures or [None])[0] == cls.__name__

@@ -98,3 +98,11 @@ def test_regression_reports_no_accuracy(tmp_path, tokenizer):
     result = finetune(str(tmp_path / "base"), data, data, FinetuneSettings(num_labels=1, epochs=1, batch_size=2),
                       tokenizer, print_fn=lambda *a: None)
     assert set(result.eval_after) == {"loss"}
+
+
+def test_a_folder_without_a_model_is_one_error(tmp_path, tokenizer):
+    from megatron_mega.model.pretrained import CheckpointError
+
+    data = datasets.Dataset.from_dict({"text": ["a"], "label": [0]})
+    with pytest.raises(CheckpointError, match="no config.json; not a Hugging Face model directory"):
+        finetune(str(tmp_path / "missing"), data, data, FinetuneSettings(), tokenizer, print_fn=lambda *a: None)
