@@ -8,8 +8,10 @@ message per problem, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,6 +27,23 @@ _DERIVED_KEYS = ("num_labels", "use_return_dict")
 
 class ConfigError(ValueError):
     """A MegaConfig whose fields contradict each other or are out of range."""
+
+
+# transformers also accepts the string "never" here
+_LOOSELY_TYPED = frozenset({"early_stopping"})
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_fields() -> dict[str, tuple[type, bool]]:
+    """name -> (bool | int | float | str, Optional?) for MegaConfig's scalar fields."""
+    out = {}
+    for name, hint in typing.get_type_hints(MegaConfig).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) is typing.Union and type(None) in args
+        kind = next((a for a in args if a is not type(None)), None) if optional else hint
+        if kind in (bool, int, float, str) and name not in _LOOSELY_TYPED:
+            out[name] = (kind, optional)
+    return out
 
 
 @dataclass
@@ -149,6 +168,24 @@ class MegaConfig:
             self.label2id = {v: k for k, v in self.id2label.items()}
         self.num_labels = len(self.id2label)
 
+    def _check_types(self) -> None:
+        """Every bool, int, float and str field holds that type (None where Optional): a quoted "false" from a
+        command line or a hand-edited config.json is a truthy string, which would silently turn a feature on."""
+        for name, (kind, optional) in _scalar_fields().items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if kind is bool:
+                ok, wanted = isinstance(value, bool), "true or false"
+            elif kind is int:
+                ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif kind is float:
+                ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            else:
+                ok, wanted = isinstance(value, str), "a string"
+            if not ok:
+                raise ConfigError(f"{name}: expected {wanted}{' or null' if optional else ''}, got {value!r}")
+
     @property
     def use_return_dict(self) -> bool:
         return self.return_dict and not self.torchscript
@@ -156,6 +193,7 @@ class MegaConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ConfigError naming the first field that contradicts another or is out of range."""
+        self._check_types()
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "ema_projection_size",
             "shared_representation_size", "nffn_hidden_size", "max_positions", "type_vocab_size",

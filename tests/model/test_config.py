@@ -58,6 +58,13 @@ def test_num_labels_shorthand_and_override(tmp_path):
     (dict(add_cross_attention=True), "add_cross_attention"),
     (dict(pad_token_id=40000), "pad_token_id"),
     (dict(problem_type="ranking"), "problem_type"),
+    # a quoted "false" is a truthy string: it used to turn the feature on
+    (dict(add_lm_hidden_dense_layer="false"), r"^add_lm_hidden_dense_layer: expected true or false, got 'false'$"),
+    (dict(use_chunking="maybe"), r"^use_chunking: expected true or false"),
+    (dict(chunk_size=128.0), r"^chunk_size: expected an integer, got 128.0$"),
+    (dict(truncation="none"), r"^truncation: expected an integer or null"),
+    (dict(dropout_prob="0.1"), r"^dropout_prob: expected a number"),
+    (dict(activation=1), r"^activation: expected a string"),
 ])
 def test_contradictions_are_refused_naming_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
