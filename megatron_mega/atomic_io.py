@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from typing import Callable, Iterator
 
@@ -53,3 +54,27 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))
     return removed
+
+
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """`path` is `folder` or lies inside it (symbolic links resolved): replacing `folder` would delete it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary folder beside `path` to fill; on success it replaces `path` (an existing one is removed
+    first), on error it is removed. A reader sees the old folder or the new one, never a half-written one."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from megatron_mega.atomic_io import atomic_write_text
+from megatron_mega.atomic_io import atomic_write_text, is_within
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.heads import MEGA_HEADS
 
@@ -77,11 +77,6 @@ def _write_readme(directory: str, architecture: str, dtype: str, config: MegaCon
     atomic_write_text(os.path.join(directory, "README.md"), "\n".join(lines))
 
 
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _remove_partial(parent: str, output_dir: str) -> list[str]:
     """The temporary folders earlier exports to `output_dir` left when killed (SIGKILL runs no cleanup)."""
     pattern = re.compile(rf"^\.{re.escape(os.path.basename(output_dir))}\.[a-z0-9_]{{8}}\.partial$")
@@ -124,7 +119,7 @@ def export_hf(
                           f"end logits), as in transformers")
     output_dir = os.path.abspath(output_dir)
     for path in protect:
-        if path and _inside(path, output_dir):
+        if path and is_within(path, output_dir):
             raise ExportError(f"{output_dir}: holds {path}, which this export reads; writing there would delete "
                               f"it. Choose another output directory")
     if os.path.exists(output_dir) and not force:

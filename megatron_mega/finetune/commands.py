@@ -26,14 +26,15 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None, help="default: the model directory's tokenizer")
-    parser.add_argument("--output", default=None, help="where to save the fine-tuned model")
+    parser.add_argument("--output", default=None, help="where to save the fine-tuned model (a new folder)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output folder")
     parser.set_defaults(func=run_finetune)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
     from megatron_mega.finetune.examples import ExamplesError, load_examples
-    from megatron_mega.finetune.loop import FinetuneSettings, finetune
+    from megatron_mega.finetune.loop import FinetuneSettings, check_model_dir, finetune
     from megatron_mega.model.config import ConfigError
     from megatron_mega.model.pretrained import CheckpointError
 
@@ -42,6 +43,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                                     batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                                     seed=args.seed, text_key=args.text_key, text_pair_key=args.text_pair_key,
                                     label_key=args.label_key)
+        check_model_dir(args.model)  # before the tokenizer, whose error would not say what is wrong
         tokenizer = Tokenizer.load(args.tokenizer or args.model)
         train_set = load_examples(args.train, args.split)
         if args.eval:
@@ -49,7 +51,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         else:
             split = train_set.train_test_split(test_size=0.1, seed=args.seed)
             train_set, eval_set = split["train"], split["test"]
-        result = finetune(args.model, train_set, eval_set, settings, tokenizer, output_dir=args.output)
+        result = finetune(args.model, train_set, eval_set, settings, tokenizer, output_dir=args.output,
+                          force=args.force)
     except (ExamplesError, TokenizerError, CheckpointError, ConfigError) as err:
         print(f"megatron-mega finetune: error: {err}", file=sys.stderr)
         return 2

@@ -34,14 +34,24 @@ def load_examples(source: str, split: Optional[str] = None):
     """A `datasets.Dataset` from a .jsonl/.json/.csv/.parquet file, a `save_to_disk` folder, or a hub name."""
     import datasets
 
+    builders = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+    suffix = source.rsplit(".", 1)[-1].lower() if "." in os.path.basename(source) else ""
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "dataset_info.json")):
         dataset = datasets.load_from_disk(source)
     elif os.path.isfile(source):
-        suffix = source.rsplit(".", 1)[-1].lower()
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(suffix)
+        builder = builders.get(suffix)
         if builder is None:
             raise ExamplesError(f"{source}: unsupported file type .{suffix} (use jsonl, json, csv or parquet)")
-        dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        try:
+            dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        except Exception as err:  # noqa: BLE001 - datasets wraps the parser's error in its own kinds
+            cause = err.__cause__ or err.__context__ or err
+            raise ExamplesError(f"{source}: not readable as {suffix} ({type(cause).__name__}: "
+                                f"{' '.join(str(cause).split())[:300]})") from None
+    elif suffix in builders or source.startswith((os.sep, ".", "~")) or os.path.isdir(source):
+        # a path, not a hub name: say so at once (the hub lookup retries for half a minute offline)
+        raise ExamplesError(f"{source}: no such file" + (" (a folder without dataset_info.json: not a saved "
+                                                          "dataset)" if os.path.isdir(source) else ""))
     else:
         try:
             dataset = datasets.load_dataset(source, split=split or "train")

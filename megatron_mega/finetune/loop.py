@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from megatron_mega.atomic_io import atomic_directory, is_within
 from megatron_mega.finetune.examples import TASKS, Encoder, ExamplesError, infer_labels
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.heads import IGNORE_INDEX, MEGA_HEADS
@@ -75,16 +76,30 @@ def evaluate(model, encoder: Encoder, dataset, batch_size: int) -> dict[str, flo
     return result
 
 
+def check_model_dir(model_dir: str) -> None:
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        hint = ("a training checkpoint folder: convert it with `megatron-mega convert` first"
+                if os.path.exists(os.path.join(model_dir, "latest")) else
+                "convert a training checkpoint with `megatron-mega convert` first")
+        raise CheckpointError(f"{model_dir}: no config.json; not a Hugging Face model directory ({hint})")
+
+
 def finetune(model_dir: str, train_set, eval_set, settings: FinetuneSettings, tokenizer,
-             output_dir: Optional[str] = None, print_fn=print) -> FinetuneResult:
+             output_dir: Optional[str] = None, print_fn=print, force: bool = False) -> FinetuneResult:
+    """Fine-tune `model_dir` and, with `output_dir`, save the result there atomically. An existing output is
+    replaced only with `force`, and never when it is (or holds) the model directory being read."""
     cls = MEGA_HEADS[settings.task]
+    if output_dir:  # refused before any training, not after it
+        if is_within(model_dir, output_dir):
+            raise CheckpointError(f"{output_dir}: holds the model being fine-tuned ({model_dir}); writing there "
+                                  f"would replace it. Choose another output directory")
+        if os.path.exists(output_dir) and not force:
+            raise CheckpointError(f"{output_dir}: exists; pass --force to replace it")
     encoder = Encoder(settings.task, tokenizer, settings.text_key, settings.label_key, settings.max_length,
                       settings.text_pair_key)
     encoder.check_columns(train_set, "train")
     encoder.check_columns(eval_set, "eval")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CheckpointError(f"{model_dir}: no config.json; not a Hugging Face model directory (convert a training "
-                              f"checkpoint with `megatron-mega convert` first)")
+    check_model_dir(model_dir)
     saved = MegaConfig.from_pretrained(model_dir)
     # a directory fine-tuned for this task before names its classes; a pretrained LM's default labels name none
     tuned_before = (saved.architectures or [None])[0] == cls.__name__
@@ -121,8 +136,9 @@ def finetune(model_dir: str, train_set, eval_set, settings: FinetuneSettings, to
     result.eval_after = metrics
     result.seconds = time.perf_counter() - started
     if output_dir:
-        model.save_pretrained(output_dir)
-        tokenizer.save(output_dir)
+        with atomic_directory(output_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save(tmp)
         print_fn(f"saved the fine-tuned {cls.__name__} to {os.path.abspath(output_dir)}")
     return result
 

@@ -198,7 +198,7 @@ def test_finetuning_a_converted_checkpoint_beats_chance(runs, tmp_path):
     args = Namespace(model=str(tmp_path / "hf"), task="sequence-classification", train=str(tmp_path / "train.jsonl"),
                      eval=None, split=None, text_key="sentence", text_pair_key=None, label_key="label",
                      num_labels=2, epochs=1, batch_size=16, lr=3e-3, max_length=64, seed=0, tokenizer=None,
-                     output=None)
+                     output=None, force=False)
     assert run_finetune(args) == 2
 
 

@@ -106,3 +106,37 @@ def test_a_folder_without_a_model_is_one_error(tmp_path, tokenizer):
     data = datasets.Dataset.from_dict({"text": ["a"], "label": [0]})
     with pytest.raises(CheckpointError, match="no config.json; not a Hugging Face model directory"):
         finetune(str(tmp_path / "missing"), data, data, FinetuneSettings(), tokenizer, print_fn=lambda *a: None)
+
+
+def test_the_output_is_new_or_forced_and_never_the_model_read(tmp_path, tokenizer):
+    """--output used to be written into whatever was there, the model being read included (a causal directory
+    became a classifier with the old README and conversion.json beside it)."""
+    from megatron_mega.model.pretrained import CheckpointError
+
+    MEGA_HEADS["masked-lm"](tiny_config(vocab_size=400)).save_pretrained(tmp_path / "base")
+    data = datasets.Dataset.from_dict({"text": ["a b", "c d"], "label": [0, 1]})
+    settings = FinetuneSettings(epochs=1, batch_size=2)
+    quiet = dict(print_fn=lambda *a: None)
+    for output in (tmp_path / "base", tmp_path):
+        with pytest.raises(CheckpointError, match="holds the model being fine-tuned"):
+            finetune(str(tmp_path / "base"), data, data, settings, tokenizer, output_dir=str(output), force=True,
+                     **quiet)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    with pytest.raises(CheckpointError, match=r"out: exists; pass --force to replace it"):
+        finetune(str(tmp_path / "base"), data, data, settings, tokenizer, output_dir=str(tmp_path / "out"), **quiet)
+    finetune(str(tmp_path / "base"), data, data, settings, tokenizer, output_dir=str(tmp_path / "out"), force=True,
+             **quiet)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                                   "tokenizer.model"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_examples_that_cannot_be_read_are_named_at_once(tmp_path):
+    from megatron_mega.finetune.examples import load_examples
+
+    with pytest.raises(ExamplesError, match=r"missing.jsonl: no such file$"):
+        load_examples(str(tmp_path / "missing.jsonl"))  # not looked up on the hub (30 s of retries offline)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 0}\n{"text": oops}\n')
+    with pytest.raises(ExamplesError, match=r"bad.jsonl: not readable as jsonl"):
+        load_examples(str(tmp_path / "bad.jsonl"))
