@@ -151,8 +151,9 @@ def infer_labels(splits: list[tuple[str, Any]], task: str, label_key: str, num_l
             raise ExamplesError(f"{splits[0][0]}: column {label_key!r} mixes label types "
                                 f"({', '.join(sorted(k.__name__ for k in kinds))}); use ints or strings")
     if num_labels is not None and num_labels != labels.num_labels and labels.names is not None:
+        shown = ", ".join(map(str, labels.names[:10])) + ("…" if labels.num_labels > 10 else "")
         raise ExamplesError(f"--num-labels {num_labels}: the labels in {label_key!r} name {labels.num_labels} "
-                            f"classes ({', '.join(map(str, labels.names[:10]))}{'…' if labels.num_labels > 10 else ''})")
+                            f"classes ({shown})")
     if not labels.by_value:
         for where, value in values:
             if not (0 <= int(value) < labels.num_labels

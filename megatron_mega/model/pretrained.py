@@ -156,7 +156,8 @@ def _resolve_dtype(value: Any, config: MegaConfig, state: dict[str, torch.Tensor
     if isinstance(value, str):
         value = getattr(torch, value.removeprefix("torch."), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise CheckpointError(f"dtype: {given!r} is not a floating-point dtype (torch.bfloat16, 'float16', 'auto', ...)")
+        raise CheckpointError(f"dtype: {given!r} is not a floating-point dtype (torch.bfloat16, 'float16', "
+                              f"'auto', ...)")
     return value
 
 
