@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import time
 
@@ -132,8 +133,10 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     settings = TrainSettings(vocab_size=args.vocab_size, model_type=args.model_type,
                              character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
                              sample_docs=args.sample_docs, seed=args.seed, threads=args.threads)
-    tokenizer = train(documents, settings, extra={"documents_seen": seen, "documents_sampled": len(documents),
-                                                  "sources": [s.name for s in sources]})
+    extra = {"documents_seen": seen, "documents_sampled": len(documents), "sources": [s.name for s in sources]}
+    if not documents and problems:
+        extra["why_none"] = _why_none(problems)
+    tokenizer = train(documents, settings, extra=extra)
     if os.path.exists(existing) and not args.overwrite and Tokenizer.load(existing).sha256 != tokenizer.sha256:
         raise PrepareError(f"{existing}: a different tokenizer is already there (datasets made with it would no "
                            f"longer match); choose another --output or pass --overwrite")
@@ -153,6 +156,13 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why_none(problems) -> str:
+    """The skipped records' tally and first example, for the error when none was usable."""
+    reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(problems.counts.items()))
+    first = next(iter(problems.examples.values()), [""])[0]
+    return f"{problems.total:,} record(s) skipped, {reasons}; e.g. {first}"
+
+
 def _job_index(args: argparse.Namespace) -> int:
     from data_prep.errors import PrepareError
 
@@ -168,6 +178,7 @@ def _job_index(args: argparse.Namespace) -> int:
 
 @_clean_errors
 def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from data_prep.errors import PrepareError
     from data_prep.tokenize import TokenizeOptions, tokenize_corpus
 
     options = TokenizeOptions(
@@ -175,7 +186,14 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         hf_split=args.hf_split, hf_config=args.hf_config, hf_data_files=args.hf_data_files, text_key=args.text_key,
         txt_unit=args.txt_unit, shard_tokens=args.shard_tokens, workers=args.workers, num_jobs=args.num_jobs,
         job_index=_job_index(args), strict=args.strict, progress=False if args.no_progress else None)
+    created = not os.path.exists(args.output)
     summary = tokenize_corpus(options)
+    if summary.documents == 0 and args.num_jobs == 1:
+        # an empty dataset is no result: say why, and leave nothing behind that a corrected rerun would collide with
+        if created:
+            shutil.rmtree(args.output, ignore_errors=True)
+        why = _why_none(summary.problems) if summary.problems.total else "the inputs hold no records"
+        raise PrepareError(f"no document was kept from the inputs ({why})")
     print("\n".join(summary.lines()))
     if args.num_jobs > 1:
         print(f"  part {options.job_index} of {args.num_jobs} done; when all are: "

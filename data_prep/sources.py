@@ -52,16 +52,20 @@ def _supported(path: str) -> bool:
 
 def expand_inputs(specs: list[str]) -> list[str]:
     """Absolute file paths, in document order. A spec is a file, a folder (searched recursively for supported
-    files, hidden ones left out) or a glob (`**` allowed). A path that does not exist is kept: reading it reports it
-    as unreadable. A glob that matches nothing is kept the same way."""
+    files, hidden ones left out) or a glob (`**` allowed). A file that does not exist or a glob that matches no
+    supported file is refused before anything is read (a typo would otherwise give a dataset without that file);
+    a file that vanishes while a run reads is reported as unreadable."""
     paths: list[str] = []
+    missing: list[str] = []
     for spec in specs:
         if glob.has_magic(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             found = []
             for match in matches:
                 found.extend(_walk(match) if os.path.isdir(match) else [match] if _supported(match) else [])
-            paths.extend(found or [spec])
+            paths.extend(found)
+            if not found:
+                missing.append(f"{spec} (matches no supported file)")
         elif os.path.isdir(spec):
             paths.extend(_walk(spec))
         else:
@@ -70,6 +74,10 @@ def expand_inputs(specs: list[str]) -> list[str]:
                                    f"{', '.join(FORMATS)}, optionally compressed {', '.join(COMPRESSIONS)}; "
                                    f"parquet uncompressed)")
             paths.append(spec)
+            if not os.path.exists(spec):
+                missing.append(f"{spec} (no such file)")
+    if missing:
+        raise PrepareError(f"input {missing[0]}" + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
     seen: set[str] = set()
     unique = []
     for path in map(os.path.abspath, paths):

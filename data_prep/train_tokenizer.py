@@ -91,7 +91,8 @@ def train(documents: list[str], settings: TrainSettings, extra: Optional[dict] =
         raise PrepareError(f"--vocab-size {settings.vocab_size} is too small: the special tokens"
                            f"{' and 256 byte pieces' if settings.byte_fallback else ''} alone take {minimum}")
     if not documents:
-        raise PrepareError("no usable documents to train the tokenizer on")
+        raise PrepareError("no usable documents to train the tokenizer on"
+                           + (f" ({extra['why_none']})" if extra and extra.get("why_none") else ""))
     if not 0 < settings.character_coverage <= 1:
         raise PrepareError(f"--character-coverage {settings.character_coverage} must be in (0, 1]")
     spm.set_random_generator_seed(settings.seed)

@@ -38,7 +38,7 @@ def bad_corpus(folder):
     (folder / "c_truncated.jsonl.gz").write_bytes(good[: len(good) - 12])  # corrupt: the stream ends early
     (folder / "d.txt").write_bytes(b"ok text\nbad \xff byte on line 2\n")
     (folder / "e.csv").write_bytes(b"id,text\n1,\xfe\xfe\n2,\n")
-    return [folder, folder / "missing.jsonl"]
+    return [folder]
 
 
 def test_every_bad_record_is_counted_with_its_location(tmp_path, tokenizer_dir):
@@ -47,7 +47,7 @@ def test_every_bad_record_is_counted_with_its_location(tmp_path, tokenizer_dir):
     a, b, c, d, e = (str(tmp_path / "in" / n) for n in ("a.jsonl", "b_empty.jsonl", "c_truncated.jsonl.gz",
                                                          "d.txt", "e.csv"))
     expected = {"invalid_json": 1, "missing_key": 2, "empty": 3, "not_text": 1, "not_object": 1,
-                "invalid_utf8": 4, "empty_file": 1, "unreadable": 2}
+                "invalid_utf8": 4, "empty_file": 1, "unreadable": 1}
     assert Manifest.load(str(tmp_path / "out")).skipped == expected == summary.problems.counts
     examples = summary.problems.examples
     assert examples["invalid_json"] == [f"{a}:2: Unterminated string starting at (column 10)"]
@@ -62,14 +62,13 @@ def test_every_bad_record_is_counted_with_its_location(tmp_path, tokenizer_dir):
                                         f"{e}:2: lone surrogate U+DCFE at character 1"]
     assert examples["empty_file"] == [f"{b}: no records"]
     assert examples["unreadable"][0].startswith(f"{c}:2: EOFError: Compressed file ended")  # line 1 was read
-    assert examples["unreadable"][1].startswith(f"{tmp_path / 'in' / 'missing.jsonl'}: no such file")
     tok = Tokenizer.load(tokenizer_dir)
     assert [tok.decode(x) for x in documents(tmp_path / "out")] == GOOD  # the gzip lost only its unreadable end
     report = "\n".join(summary.lines())
-    assert "skipped 15 record(s)" in report and f"{a}:2" in report
+    assert "skipped 14 record(s)" in report and f"{a}:2" in report
 
 
-@pytest.mark.parametrize("reason, where", [("invalid_json", "a.jsonl:2"), ("unreadable", "missing.jsonl")])
+@pytest.mark.parametrize("reason, where", [("invalid_json", "a.jsonl:2"), ("unreadable", "c_truncated.jsonl.gz:2")])
 def test_strict_stops_with_file_and_line_and_leaves_nothing_half_written(tmp_path, tokenizer_dir, capsys, reason,
                                                                          where):
     inputs = bad_corpus(tmp_path / "in")
@@ -77,7 +76,7 @@ def test_strict_stops_with_file_and_line_and_leaves_nothing_half_written(tmp_pat
         inputs = [tmp_path / "in" / "a.jsonl.missing", tmp_path / "in"]  # (unsupported name: refused up front)
         with pytest.raises(PrepareError, match="unsupported file type"):
             tokenize(tmp_path / "out", tokenizer_dir, inputs, strict=True)
-        inputs = [tmp_path / "in" / "missing.jsonl", tmp_path / "in"]
+        inputs = [tmp_path / "in" / "c_truncated.jsonl.gz", tmp_path / "in"]
     code = main(["prepare", "tokenize", *map(str, inputs), "--output", str(tmp_path / "out"), "--tokenizer",
                  tokenizer_dir, "--strict", "--workers", "2", "--shard-tokens", "4"])
     err = capsys.readouterr().err
@@ -93,7 +92,7 @@ def test_strict_stops_with_file_and_line_and_leaves_nothing_half_written(tmp_pat
             assert (out / ".prepare" / name.replace(".bin", ".json")).exists()
     assert main(["prepare", "tokenize", *map(str, inputs), "--output", str(out), "--tokenizer", tokenizer_dir,
                  "--shard-tokens", "4", "--no-progress"]) == 0
-    assert "skipped 15 record(s)" in capsys.readouterr().out
+    assert "skipped 14 record(s)" in capsys.readouterr().out
 
 
 def test_parquet_without_the_column_and_json_array_errors(tmp_path, tokenizer_dir):
@@ -110,3 +109,33 @@ def test_parquet_without_the_column_and_json_array_errors(tmp_path, tokenizer_di
     assert summary.problems.examples["invalid_json"][0].endswith(
         "b.json: Expecting value (line 2, column 11); the whole file is skipped")
     assert summary.documents == 0 and Manifest.load(str(tmp_path / "out")).shards == []
+
+
+def test_missing_inputs_are_refused_before_anything_is_written(tmp_path, tokenizer_dir, capsys):
+    """A typo'd file or a glob matching nothing used to be one "unreadable" record in a run that exited 0."""
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n")
+    for missing, message in ((tmp_path / "nope.jsonl", "nope.jsonl (no such file)"),
+                             (f"{tmp_path}/*.parquet", "*.parquet (matches no supported file)")):
+        for step in (["tokenize", "--tokenizer", tokenizer_dir], ["tokenizer", "--vocab-size", "300"]):
+            code = main(["prepare", step[0], str(tmp_path / "a.jsonl"), str(missing), "--output",
+                         str(tmp_path / "out"), *step[1:]])
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith("megatron-mega: error: input ") and message in err, err
+            assert not (tmp_path / "out").exists()
+
+
+def test_no_usable_document_is_an_error_that_leaves_nothing(tmp_path, tokenizer_dir, capsys):
+    """Every record skipped (here: the text is in another column) gave an empty dataset and exit 0; a corrected
+    rerun then collided with the empty run's settings."""
+    (tmp_path / "c.csv").write_text("id,content\n1,hello\n2,world\n")
+    args = ["prepare", "tokenize", str(tmp_path / "c.csv"), "--output", str(tmp_path / "out"), "--tokenizer",
+            tokenizer_dir, "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no document was kept from the inputs (2 record(s) skipped, missing_key: 2; e.g. " in err
+    assert "no 'text' column (columns: id, content)" in err and not (tmp_path / "out").exists()
+    assert main([*args, "--text-key", "content"]) == 0
+    assert main(["prepare", "tokenizer", str(tmp_path / "c.csv"), "--output", str(tmp_path / "tok"),
+                 "--vocab-size", "300"]) == 2
+    assert "no usable documents to train the tokenizer on (2 record(s) skipped, missing_key: 2" in \
+        capsys.readouterr().err

@@ -54,13 +54,13 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer_dir, capsy
     cases = [
         (["prepare", "inspect", str(tmp_path)], "no manifest"),
         (["prepare", "tokenize", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o"), "--tokenizer",
-          tokenizer_dir], "no input file found"),
+          tokenizer_dir], "none.jsonl (no such file)"),
         (["prepare", "tokenize", str(tmp_path), "--output", str(tmp_path / "o"), "--tokenizer",
           str(tmp_path / "missing")], "no tokenizer model"),
         (["prepare", "tokenize", "x.jsonl", "--output", str(tmp_path / "o"), "--tokenizer", tokenizer_dir,
           "--num-jobs", "2", "--job-index", "2"], "--job-index 2 must be in [0, --num-jobs 2)"),
         (["prepare", "tokenizer", str(tmp_path / "none.txt"), "--output", str(tmp_path / "t")],
-         "no usable documents"),
+         "none.txt (no such file)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
