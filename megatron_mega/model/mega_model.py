@@ -110,7 +110,7 @@ class MegaModel(MegaPreTrainedModel):
         all_attentions = () if output_attentions else None
         new_layers = []
         # decoding memoises what it derives from the parameters (model/derived.py)
-        with memoising(use_cache):
+        with memoising(use_cache, new_sequence=past == 0):
             for index, layer in enumerate(self.layers):
                 layer_cache = None if past_key_values is None else past_key_values[index]
                 if self.gradient_checkpointing and self.training:

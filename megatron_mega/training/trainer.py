@@ -193,7 +193,8 @@ class LMLoss(nn.Module):
         self.objective = objective
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.mega(inputs).last_hidden_state  # (B, L, D)
+        # no cache: a decoder's config defaults use_cache on, which would build one (memory) in evaluation
+        hidden = self.lm.mega(inputs, use_cache=False).last_hidden_state  # (B, L, D)
         return self.lm.lm_loss(hidden, labels)
 
 

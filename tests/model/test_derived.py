@@ -64,3 +64,38 @@ def test_nothing_is_memoised_with_autograd_on_or_outside_decoding():
     assert ema._derived._key is None
     model(ids, use_cache=True).logits.sum().backward()  # a cached forward with autograd: gradients, no memo
     assert ema._derived._key is None and ema.damping_factor.grad is not None
+
+
+def test_writes_the_version_counter_misses_are_seen_by_the_next_sequence():
+    """DeepSpeed's ZeRO-1/2 and bf16 optimizers write new weights through flat buffers that `p.data` views, which
+    leaves `p._version` unchanged: the next sequence (a forward from an empty cache) must not read the old memo.
+    Evaluation under those optimizers read the weights of its first run ever after."""
+    ids = token_ids(2, 21)
+    model, other = _model(0), _model(1)
+    decode_stepwise(model, ids, first=3)
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), other.parameters()):
+            version = mine._version
+            mine.data.copy_(theirs)
+            assert mine._version == version  # invisible to the version counter
+    got, _ = decode_stepwise(model, ids, first=3)
+    expected, _ = decode_stepwise(other, ids, first=3)
+    assert torch.equal(got, expected)
+
+
+def test_the_training_loss_builds_no_cache():
+    """The trainer's loss module runs the decoder without a cache (its config defaults use_cache on): no cache to
+    hold in evaluation and nothing memoised, so weights written behind autograd's back are always read fresh."""
+    from megatron_mega.training.trainer import LMLoss
+
+    model = _model(0)
+    loss = LMLoss(model, "causal").eval()
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        before = loss(ids[:, :-1], ids[:, 1:])
+        for p in model.parameters():
+            p.data.add_(0.01)
+        after = loss(ids[:, :-1], ids[:, 1:])
+        fresh = LMLoss(model, "causal").eval()(ids[:, :-1], ids[:, 1:])
+    ema = model.mega.layers[0].mega_layer.ema_gate
+    assert ema._derived._key is None and not torch.equal(before, after) and torch.equal(after, fresh)
