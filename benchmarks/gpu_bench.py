@@ -227,9 +227,8 @@ def run_case(case: Case, peak_tflops: float, device_name: str = "cuda", profile:
         from megatron_mega import MegaConfig
         from megatron_mega.training.flops import train_flops
 
-        exact = train_flops(MegaConfig(**mega_kwargs(case)), case.batch, case.seq,
-                            activation_checkpointing=case.act_ckpt,
-                            selective_recompute=case.impl == "ours" and not case.keep and not case.compile)
+        # the model's FLOPs, recomputation left out (PaLM's MFU; it would count activation checkpointing as progress)
+        exact = train_flops(MegaConfig(**mega_kwargs(case)), case.batch, case.seq)
         row["tflops_exact"] = exact / seconds / 1e12
     row["mfu_6n"] = row["tflops_6n"] / peak_tflops
     if "tflops_exact" in row:

@@ -53,12 +53,14 @@ def dry_run(config, world_size: int, out=None) -> None:
           f"{layout.micro_batch_size} x accumulation {layout.grad_accum} x data-parallel "
           f"{layout.data_parallel_size}", file=out)
     print(f"parameters: {total:,} ({total - embedding:,} without the (tied) embedding)", file=out)
+    flops = train_flops(config.model, layout.global_batch_size, config.data.seq_len)
     # as on a GPU: selective recomputation replays the attention's query-key product unless the blocks are compiled
-    flops = train_flops(config.model, layout.global_batch_size, config.data.seq_len,
-                        activation_checkpointing=config.parallel.activation_checkpointing,
-                        selective_recompute=config.parallel.selective_recompute and not config.parallel.compile_blocks)
+    hardware = train_flops(config.model, layout.global_batch_size, config.data.seq_len,
+                           activation_checkpointing=config.parallel.activation_checkpointing,
+                           selective_recompute=config.parallel.selective_recompute
+                           and not config.parallel.compile_blocks)
     print(f"training FLOPs per step: {flops:.4g} ({flops / (layout.global_batch_size * config.data.seq_len):.4g} "
-          f"per token)", file=out)
+          f"per token; {hardware / flops:.3f}x with recomputation)", file=out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -147,6 +147,9 @@ class PrecisionConfig:
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"precision.dtype: {self.dtype!r} is not one of {DTYPES}")
+        _check(_is_int(self.initial_loss_scale_power) and 0 <= self.initial_loss_scale_power <= 64,
+               f"precision.initial_loss_scale_power: must be an integer in [0, 64], got "
+               f"{self.initial_loss_scale_power!r}")
 
 
 @dataclass
@@ -183,6 +186,12 @@ class LoggingConfig:
         for name in ("eval_interval", "eval_iters", "test_iters"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 0, f"logging.{name}: must be an integer >= 0, got {v!r}")
+        # zero micro-batches would log a loss of 0 (perplexity 1) on the plain path and crash the pipeline's
+        _check(not (self.eval_interval and not self.eval_iters),
+               f"logging.eval_iters: must be >= 1 when logging.eval_interval ({self.eval_interval}) asks for "
+               f"validations")
+        _check(self.peak_tflops is None or self.peak_tflops > 0,
+               f"logging.peak_tflops: must be > 0 or null, got {self.peak_tflops!r}")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The DeepSpeed JSON, derived from a TrainConfig (one source of truth), with a user's JSON merged over it.
 
 The batch arithmetic (train_batch_size = micro x accumulation x data-parallel size) comes from `TrainConfig.layout`;
-a user JSON may add or change any other setting, but a batch key that disagrees with the config is refused rather
-than silently winning. The optimizer and the lr schedule are not in the JSON: the trainer passes torch's AdamW and
+a user JSON may add or change any other setting, but a key the config owns (the batch, the ZeRO stage, gradient
+clipping, bf16/fp16 on or off) that disagrees with it is refused rather than silently winning: the trainer, the
+saved config and the MFU figure go by the config. The optimizer and the lr schedule are not in the JSON: the trainer passes torch's AdamW and
 its own schedule as client objects (DeepSpeed's fused/CPU Adam would JIT-compile a C++ op).
 """
 
@@ -68,6 +69,19 @@ def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         if key in extra and extra[key] != ds[key]:
             raise TrainConfigError(f"deepspeed.{key}: {extra[key]} disagrees with the config's {ds[key]} (set the "
                                    f"batch in optim.global_batch_size / optim.micro_batch_size)")
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if section in extra and not isinstance(extra[section], dict):
+            raise TrainConfigError(f"deepspeed.{section}: expected a mapping, got {extra[section]!r}")
+    owned = {("gradient_clipping",): (f"optim.clip_grad {config.optim.clip_grad}", ds["gradient_clipping"]),
+             ("bf16", "enabled"): (f"precision.dtype {dtype}", ds["bf16"]["enabled"]),
+             ("fp16", "enabled"): (f"precision.dtype {dtype}", ds["fp16"]["enabled"])}
+    for path, (field_value, ours) in owned.items():
+        node: Any = extra
+        for part in path:
+            node = node.get(part, ours) if isinstance(node, dict) else ours
+        if node != ours:
+            raise TrainConfigError(f"deepspeed.{'.'.join(path)}: {node!r} disagrees with {field_value}; set it "
+                                   f"there")
     stage = extra.get("zero_optimization", {}).get("stage", ds["zero_optimization"]["stage"])
     if stage != config.parallel.zero_stage:
         raise TrainConfigError(f"deepspeed.zero_optimization.stage: {stage} disagrees with parallel.zero_stage "

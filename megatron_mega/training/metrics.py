@@ -8,6 +8,8 @@ skipped: optimizer steps not applied (non-finite gradients, or a non-finite loss
 start of this process; dropped: micro-batches dropped before their backward for a non-finite loss (plain path).
 data wait: per iteration, the time this rank (rank 0) spent blocked on the data loader for the next micro-batch,
 and its share of the interval's wall time (`data_wait_ms`, `data_wait_share` in tensorboard).
+TFLOP/s/device and MFU count the model's FLOPs (training/flops.py, without recomputation: PaLM's definition);
+`hfu` in tensorboard adds what activation checkpointing and selective recomputation compute again.
 """
 
 from __future__ import annotations

@@ -544,14 +544,17 @@ class Trainer:
         writer = MetricsWriter(ctx.is_main, cfg.logging.tensorboard_dir, print_fn=self._print)
         seq = cfg.data.seq_len
         engine.train()
-        flops_step = train_flops(cfg.model, lay.global_batch_size, seq,
-                                 predicted_tokens=None if cfg.objective == "causal" else
-                                 int(lay.global_batch_size * seq * cfg.data.mlm.mask_prob),
-                                 activation_checkpointing=cfg.parallel.activation_checkpointing,
-                                 selective_recompute=self._replays_attention(engine.module))
+        predicted = None if cfg.objective == "causal" else int(lay.global_batch_size * seq * cfg.data.mlm.mask_prob)
+        # TFLOP/s and MFU count the model's FLOPs (PaLM's MFU, Megatron-LM's TFLOP/s): recomputation is work the
+        # hardware does, not progress, and goes into HFU (tensorboard) only
+        flops_step = train_flops(cfg.model, lay.global_batch_size, seq, predicted_tokens=predicted)
+        hardware_flops_step = train_flops(cfg.model, lay.global_batch_size, seq, predicted_tokens=predicted,
+                                          activation_checkpointing=cfg.parallel.activation_checkpointing,
+                                          selective_recompute=self._replays_attention(engine.module))
         peak = peak_tflops(cfg.precision.dtype, cfg.logging.peak_tflops)
         self.stop.install()
-        window_start, window_steps, rates = time.perf_counter(), 0, []
+        # a window is the steps since the last log line; time spent evaluating and saving inside it is left out
+        window_start, window_steps, window_paused, rates = time.perf_counter(), 0, 0.0, []
         window_wait, waited, timed = it.wait_s, 0.0, 0.0
         try:
             while step < cfg.optim.train_steps:
@@ -563,7 +566,7 @@ class Trainer:
                 result.losses[step] = loss
                 result.grad_norms[step] = norm
                 if step % cfg.logging.interval == 0 or step == cfg.optim.train_steps:
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = time.perf_counter() - window_start - window_paused
                     per_iter = elapsed / window_steps
                     wait = it.wait_s - window_wait  # this rank's time blocked in next(loader) in the window
                     waited, timed = waited + wait, timed + elapsed
@@ -577,21 +580,24 @@ class Trainer:
                         "ms_per_iter": 1000 * per_iter, "data_wait_ms": 1000 * wait / window_steps,
                         "data_wait_share": wait / elapsed if elapsed > 0 else 0.0,
                         "tokens_per_s": rates[-1], "tflops": tflops,
-                        "mfu": None if peak is None else tflops / peak})
-                    window_start, window_steps, window_wait = time.perf_counter(), 0, it.wait_s
+                        "mfu": None if peak is None else tflops / peak,
+                        "hfu": None if peak is None else tflops * hardware_flops_step / flops_step / peak})
+                    window_start, window_steps, window_paused, window_wait = time.perf_counter(), 0, 0.0, it.wait_s
                 if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and splits.valid is not None:
+                    paused_at = time.perf_counter()
                     loss_v = self.evaluate(engine, splits.valid, cfg.logging.eval_iters)
                     result.eval_losses.setdefault("valid", {})[step] = loss_v
                     writer.log_eval(step, "valid", loss_v)
-                    window_start, window_wait = time.perf_counter(), it.wait_s
+                    window_paused += time.perf_counter() - paused_at
                 signal_now = self._all_max(1.0 if self.stop.requested else 0.0) > 0
                 exit_now = ck.exit_at_step is not None and step == ck.exit_at_step
                 if signal_now or exit_now:
                     result.stopped = "signal" if signal_now else "exit_at_step"
                     break
                 if ck.dir and ck.interval and step % ck.interval == 0 and step < cfg.optim.train_steps:
+                    paused_at = time.perf_counter()
                     result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
-                    window_start, window_wait = time.perf_counter(), it.wait_s  # saving is not part of ms/iter
+                    window_paused += time.perf_counter() - paused_at  # saving is not part of ms/iter
             result.step, result.consumed_samples = step, sampler.consumed_samples
             if ck.dir and (ck.save_final or result.stopped != "finished"):
                 result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)

@@ -47,6 +47,9 @@ def test_overrides_and_round_trip():
     (["optim.train_steps=0"], "optim.train_steps: 0 writes the initial weights as a step-0 checkpoint"),
     (["optim.train_steps=-1"], "optim.train_steps: must be a positive integer"),
     (["parallel.selective_recompute=2"], "parallel.selective_recompute: expected true or false"),
+    (["logging.eval_interval=2", "logging.eval_iters=0"], "logging.eval_iters: must be >= 1 when"),
+    (["logging.peak_tflops=-1"], "logging.peak_tflops: must be > 0 or null"),
+    (["precision.initial_loss_scale_power=abc"], "precision.initial_loss_scale_power: must be an integer"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(TrainConfigError, match=message):
@@ -84,6 +87,17 @@ def test_ds_config_from_config_and_user_json():
     bad = load_train_config(TINY, ["deepspeed={zero_optimization: {stage: 3}}"])
     with pytest.raises(TrainConfigError, match="disagrees with parallel.zero_stage"):
         build_ds_config(bad, 2)
+    # keys the config owns: DeepSpeed would have trained in bf16 (or clipped at 0.5) while the trainer, the saved
+    # config and MFU said otherwise
+    for override, message in (("{bf16: {enabled: true}}", r"deepspeed.bf16.enabled: True disagrees with "
+                                                          r"precision.dtype fp32"),
+                              ("{gradient_clipping: 0.5}", r"deepspeed.gradient_clipping: 0.5 disagrees with "
+                                                           r"optim.clip_grad 1.0"),
+                              ("{zero_optimization: 3}", r"deepspeed.zero_optimization: expected a mapping, got 3")):
+        with pytest.raises(TrainConfigError, match=message):
+            build_ds_config(load_train_config(TINY, [f"deepspeed={override}"]), 2)
+    same = load_train_config(TINY, ["deepspeed={gradient_clipping: 1.0, bf16: {enabled: false}}"])
+    assert build_ds_config(same, 2)["gradient_clipping"] == 1.0
 
 
 def test_lr_schedule():

@@ -94,6 +94,9 @@ def single(tiny_dict, tmp_path_factory):
         job(tiny_dict, optim__train_steps=0, checkpoint__dir=str(out / "step0"), checkpoint__init_from_hf=hf),
         # 10, 11: every dropout on, selective recomputation on (the default) and off
         *[job(tiny_dict, optim__train_steps=4, parallel__selective_recompute=on, **DROPOUTS) for on in (True, False)],
+        # 12: >= 0.1 s a micro-batch (2 a step), one log line over 4 steps with a validation and a save inside it
+        job(tiny_dict, "slow", {"sleep_s": 0.1}, optim__train_steps=4, logging__interval=4, logging__eval_interval=3,
+            logging__eval_iters=1, checkpoint__dir=str(out / "slow"), checkpoint__interval=3),
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -168,6 +171,14 @@ def test_selective_recompute_off_keeps_the_losses(single):
     on, off = single[0][10], single[0][11]
     assert any("parallel.selective_recompute: off" in line for line in off["lines"])
     assert len(losses(on)) == 4 and losses(off) == pytest.approx(losses(on), rel=1e-6, abs=0)
+
+
+def test_ms_per_iter_leaves_out_evaluation_and_saving_but_not_steps(single):
+    """A validation or save inside a log window used to restart the window's clock without its step count: the
+    4-step window below was timed over its last step only and divided by 4 (ms/iter, tokens/s, MFU ~4x off)."""
+    line = next(l for l in single[0][12]["lines"] if l.startswith("iteration 4/4"))
+    ms_per_iter = float(line.split("ms/iter ")[1].split()[0])
+    assert ms_per_iter >= 200, line  # 2 micro-batches of >= 100 ms each
 
 
 def test_bf16(single):

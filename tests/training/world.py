@@ -53,6 +53,20 @@ class SignalTrainer(Trainer):
         return super().compute_loss(engine, batch, step)
 
 
+class SlowTrainer(Trainer):
+    """Every micro-batch takes at least `sleep_s` longer: a known lower bound for the logged ms/iter."""
+
+    def __init__(self, *args, sleep_s=0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sleep_s = sleep_s
+
+    def compute_loss(self, engine, batch, step):
+        import time
+
+        time.sleep(self.sleep_s)
+        return super().compute_loss(engine, batch, step)
+
+
 class HangTrainer(Trainer):
     """Rank `rank` stops taking part (sleeps) at step `step`: the others must fail on the collective timeout."""
 
@@ -178,7 +192,7 @@ class FinalStateTrainer(Trainer):
 
 
 TRAINERS = {"plain": Trainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer,
-            "hang": HangTrainer,
+            "hang": HangTrainer, "slow": SlowTrainer,
             "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
 
