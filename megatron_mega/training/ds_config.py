@@ -3,8 +3,9 @@
 The batch arithmetic (train_batch_size = micro x accumulation x data-parallel size) comes from `TrainConfig.layout`;
 a user JSON may add or change any other setting, but a key the config owns (the batch, the ZeRO stage, gradient
 clipping, bf16/fp16 on or off) that disagrees with it is refused rather than silently winning: the trainer, the
-saved config and the MFU figure go by the config. The optimizer and the lr schedule are not in the JSON: the trainer passes torch's AdamW and
-its own schedule as client objects (DeepSpeed's fused/CPU Adam would JIT-compile a C++ op).
+saved config and the MFU figure go by the config. The optimizer and the lr schedule are not in the JSON: the
+trainer passes torch's AdamW and its own schedule as client objects (DeepSpeed's fused/CPU Adam would JIT-compile
+a C++ op).
 """
 
 from __future__ import annotations
