@@ -534,6 +534,7 @@ class Trainer:
                 torch.cuda.manual_seed(self._seed(step))
             self.log(f"resumed from {load_dir}/{tag} at iteration {step}, consumed samples "
                      f"{state['consumed_samples']} (saved under {state['layout']})")
+            self._note_schedule_change(state.get("config", {}).get("optim"), step)
         else:
             self._reseed(0)
         loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
@@ -623,6 +624,29 @@ class Trainer:
         self.engine = engine
         self.log(f"optim.train_steps=0: wrote the initial weights as {result.checkpoint}; no training step")
         return result
+
+    def _note_schedule_change(self, saved_optim: Optional[dict], step: int) -> None:
+        """The lr schedule is the config's, also on resume (Megatron-LM refuses a changed one unless told which
+        to use): say so when it differs from the checkpoint's, e.g. more train_steps stretch a cosine decay."""
+        from megatron_mega.training.config import OptimConfig
+        from megatron_mega.training.lr_schedule import lr_at
+
+        if not isinstance(saved_optim, dict):
+            return
+        fields = ("train_steps", "lr", "min_lr", "warmup_steps", "decay", "decay_steps")
+        current = self.config.optim
+        changed = [f"optim.{name} {saved_optim.get(name)!r} -> {getattr(current, name)!r}" for name in fields
+                   if name in saved_optim and saved_optim[name] != getattr(current, name)]
+        if not changed:
+            return
+        try:
+            before = lr_at(step, OptimConfig(**saved_optim))
+        except (TypeError, ValueError):
+            before = None
+        now = lr_at(step, current)
+        was = "" if before is None else f", was {before:.3E}"
+        self.log(f"the lr schedule differs from the checkpoint's ({'; '.join(changed)}): it follows the config, "
+                 f"lr at iteration {step} is {now:.3E}{was}")
 
     @staticmethod
     def _sync_lr(engine) -> None:

@@ -97,6 +97,9 @@ def single(tiny_dict, tmp_path_factory):
         # 12: >= 0.1 s a micro-batch (2 a step), one log line over 4 steps with a validation and a save inside it
         job(tiny_dict, "slow", {"sleep_s": 0.1}, optim__train_steps=4, logging__interval=4, logging__eval_interval=3,
             logging__eval_iters=1, checkpoint__dir=str(out / "slow"), checkpoint__interval=3),
+        # 13, 14: 2 steps, then resumed with train_steps 4 (the cosine decay is stretched)
+        job(tiny_dict, optim__train_steps=2, checkpoint__dir=str(out / "longer")),
+        job(tiny_dict, optim__train_steps=4, checkpoint__dir=str(out / "longer")),
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -179,6 +182,14 @@ def test_ms_per_iter_leaves_out_evaluation_and_saving_but_not_steps(single):
     line = next(l for l in single[0][12]["lines"] if l.startswith("iteration 4/4"))
     ms_per_iter = float(line.split("ms/iter ")[1].split()[0])
     assert ms_per_iter >= 200, line  # 2 micro-batches of >= 100 ms each
+
+
+def test_a_resume_says_when_the_lr_schedule_changed(single):
+    results = single[0]
+    assert not any("lr schedule differs" in l for l in results[13]["lines"])
+    note = next(l for l in results[14]["lines"] if "lr schedule differs" in l)
+    assert "(optim.train_steps 2 -> 4): it follows the config, lr at iteration 2 is " in note and ", was " in note
+    assert results[14]["resumed_from"] == 2 and results[14]["step"] == 4
 
 
 def test_bf16(single):
