@@ -65,6 +65,7 @@ def dry_run(config, world_size: int, out=None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from megatron_mega.data.config import DataConfigError
+    from megatron_mega.data.gpt_dataset import DatasetError
     from megatron_mega.data.indexed_dataset import IndexedDatasetError
     from megatron_mega.data.manifest import ManifestError
     from megatron_mega.data.sampler import SamplerError
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             dry_run(config, world)
             return 0
         result = run_training(config)
-    except (TrainConfigError, DataConfigError, ManifestError, TokenizerError, SamplerError,
+    except (TrainConfigError, DataConfigError, ManifestError, TokenizerError, SamplerError, DatasetError,
             IndexedDatasetError, CheckpointError) as err:
         # a bad config, a missing or mismatched dataset/tokenizer/checkpoint: one line, no traceback
         print(f"megatron-mega: error: {err}", file=sys.stderr)

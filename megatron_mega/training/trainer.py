@@ -500,6 +500,7 @@ class Trainer:
                     f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from "
                     f"(use a new checkpoint.dir or checkpoint.load=null)")
         if saved is not None:
+            self._check_same_architecture(saved, f"{load_dir}/{tag}")
             saved_sha = saved.get("tokenizer_sha256")
             if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
                 raise TrainConfigError(f"data.paths: {load_dir}/{tag} was trained on data tokenized with tokenizer "
@@ -624,6 +625,28 @@ class Trainer:
         self.engine = engine
         self.log(f"optim.train_steps=0: wrote the initial weights as {result.checkpoint}; no training step")
         return result
+
+    def _check_same_architecture(self, saved: dict, where: str) -> None:
+        """A run resumes with the architecture it was saved with: a changed model field is one error naming it,
+        not DeepSpeed's size-mismatch traceback from deep inside the load (or a silent change, for fields that
+        keep the shapes, such as the attention's activation)."""
+        from megatron_mega.convert.hf_import import ARCHITECTURE_FIELDS
+
+        from megatron_mega.model.config import ConfigError, MegaConfig
+
+        model = (saved.get("config") or {}).get("model")
+        try:  # the saved section lists the fields that differ from MegaConfig's defaults
+            theirs = MegaConfig.from_dict(model) if isinstance(model, dict) else None
+        except (ConfigError, TypeError):
+            theirs = None
+        if theirs is None:
+            return
+        ours = self.config.model
+        changed = [f"model.{name}: {getattr(ours, name)!r} here, {getattr(theirs, name)!r} in the checkpoint"
+                   for name in ARCHITECTURE_FIELDS if getattr(theirs, name) != getattr(ours, name)]
+        if changed:
+            raise TrainConfigError(f"{'; '.join(changed)} ({where}); a run resumes with the model it saved: use "
+                                   f"another checkpoint.dir, or checkpoint.load=null to start afresh")
 
     def _note_schedule_change(self, saved_optim: Optional[dict], step: int) -> None:
         """The lr schedule is the config's, also on resume (Megatron-LM refuses a changed one unless told which

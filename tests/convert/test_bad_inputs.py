@@ -365,3 +365,16 @@ def test_resuming_a_folder_that_is_no_checkpoint_is_one_line(tmp_path, pydoc_dat
     assert lines[-1] == (f"megatron-mega: error: {run}/step00000003/trainer_state.json: missing; {run}/step00000003 "
                          f"is not a checkpoint written by this trainer"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_resuming_with_another_architecture_is_one_line(tmp_path, tiny, pydoc_dataset):
+    """A changed model field used to surface as DeepSpeed's 30-line size-mismatch traceback (or, for a field that
+    keeps the shapes, as a silently different model)."""
+    run = write_run(tmp_path / "ck", tiny)
+    for override, field in (("model.hidden_size=48", "model.hidden_size: 48 here, 32 in the checkpoint"),
+                            ("model.attention_activation=laplace", "model.attention_activation: 'laplace' here, "
+                                                                    "'softmax' in the checkpoint")):
+        done = train_command(pydoc_dataset, f"checkpoint.dir={run}", "optim.train_steps=4", override)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert f"megatron-mega: error: {field} ({run}/step00000003); a run resumes with the model it saved" in \
+            done.stderr, done.stderr
