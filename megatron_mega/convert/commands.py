@@ -32,6 +32,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from megatron_mega.convert.training_checkpoint import (
         TrainingCheckpointError,
         bidirectional_to_causal,
+        find_tokenizer,
         read_training_checkpoint,
     )
     from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
@@ -41,18 +42,20 @@ def run_convert(args: argparse.Namespace) -> int:
         weights = read_training_checkpoint(args.checkpoint, args.step)
         head = args.head or ("causal-lm" if weights.objective == "causal" else "masked-lm")
         tokenizer = None
-        tokenizer_path = args.tokenizer or weights.tokenizer_path
+        tokenizer_path = args.tokenizer or find_tokenizer(weights)
         if tokenizer_path:
             tokenizer = Tokenizer.load(tokenizer_path)
             if weights.tokenizer_sha256 and tokenizer.sha256 != weights.tokenizer_sha256:
                 raise ExportError(f"{tokenizer_path}: tokenizer sha256 {tokenizer.sha256[:12]}… is not the one the run "
                                   f"trained with ({weights.tokenizer_sha256[:12]}…)")
         source = weights.model()
-        if head == "causal-lm" and weights.config.bidirectional:
+        if head == "causal-lm" and (weights.config.bidirectional or not weights.config.is_decoder):
             if not args.bidirectional_to_causal:
-                raise ExportError("the checkpoint's EMA is bidirectional (a masked-LM encoder): it reads future "
-                                  "tokens, so it is not a causal LM. Export --head masked-lm (or a classification "
-                                  "head), or pass --bidirectional-to-causal to keep the EMA's forward half")
+                what = ("EMA is bidirectional" if weights.config.bidirectional else
+                        "attention is not causal (is_decoder false)")
+                raise ExportError(f"the checkpoint's {what} (a masked-LM encoder): it reads future tokens, so it is "
+                                  f"not a causal LM. Export --head masked-lm (or a classification head), or pass "
+                                  f"--bidirectional-to-causal to make it a decoder (keeping the EMA's forward half)")
             state, config = bidirectional_to_causal(source.state_dict(), weights.config)
             source = MegaForCausalLM(config)
             moved = source.load_checkpoint_state(state, source_architecture="MegaForCausalLM")
@@ -75,6 +78,9 @@ def run_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {report.output_dir}: {report.architecture} ({report.dtype}) from step {weights.step}, "
           f"self-check max relative difference {report.max_relative_error:.2e}")
+    if tokenizer is None:
+        print("  no tokenizer shipped: the run's config names none and its datasets hold none with its sha256 "
+              "(pass --tokenizer DIR to add one)")
     for path in report.removed_partial:
         print(f"  removed {path}, the unfinished output of an earlier convert that was killed")
     if report.newly_initialised:

@@ -16,7 +16,7 @@ import contextlib
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -43,6 +43,7 @@ class TrainingWeights:
     tokenizer_path: Optional[str]
     layout: dict[str, Any]
     tag_dir: str
+    data_paths: list = field(default_factory=list)  # the run's data.paths (their manifests hold the tokenizer too)
 
     def model(self):
         """The training-side model (MegaForCausalLM or MegaForMaskedLM) holding these weights."""
@@ -100,6 +101,30 @@ def _tag(directory: str, step: Optional[int]) -> str:
     return tag
 
 
+def find_tokenizer(weights: TrainingWeights) -> Optional[str]:
+    """The tokenizer the run trained with: its config's `tokenizer`, else the one prepared datasets keep beside
+    their manifest (a run configured without `tokenizer:` still recorded the data's tokenizer sha256), when its
+    sha256 is the run's; None when neither is found."""
+    if weights.tokenizer_path:
+        return weights.tokenizer_path
+    from megatron_mega.data.documents import is_manifest_path
+    from megatron_mega.data.manifest import Manifest, ManifestError
+    from megatron_mega.data.tokenizer import Tokenizer, TokenizerError
+
+    for path in weights.data_paths:
+        if not isinstance(path, str) or not is_manifest_path(path):
+            continue
+        try:
+            manifest = Manifest.load(path)
+            candidate = os.path.join(manifest.root, manifest.tokenizer.model_file or "tokenizer.model")
+            if os.path.exists(candidate) and (weights.tokenizer_sha256 is None
+                                              or Tokenizer.load(candidate).sha256 == weights.tokenizer_sha256):
+                return candidate
+        except (ManifestError, TokenizerError, OSError):
+            continue
+    return None
+
+
 def read_training_checkpoint(directory: str, step: Optional[int] = None) -> TrainingWeights:
     from megatron_mega.training import checkpointing
 
@@ -132,6 +157,7 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
     return TrainingWeights(config=config, objective=objective, state=weights, step=int(state.get("step", 0)),
                            consumed_samples=consumed, tokens_seen=consumed * seq_len,
                            tokenizer_sha256=state.get("tokenizer_sha256"), tokenizer_path=config_dict.get("tokenizer"),
+                           data_paths=list((config_dict.get("data") or {}).get("paths") or []),
                            layout=layout, tag_dir=tag_dir)
 
 
@@ -183,18 +209,17 @@ EMA_PARAMETERS = ("damping_factor", "decay_factor", "ema_expansion_matrix", "ker
 
 
 def bidirectional_to_causal(state: dict[str, torch.Tensor], config: MegaConfig) -> tuple[dict, MegaConfig]:
-    """The documented encoder -> decoder conversion: keep each EMA's forward (causal) half, drop the backward half.
+    """The documented encoder -> decoder conversion: keep each EMA's forward (causal) half, drop the backward half
+    (an encoder with a causal EMA keeps it whole).
 
     A bidirectional EMA is two EMAs, the first `hidden_size` rows reading the past and the last `hidden_size` rows
     the future; a causal model keeps the first. Attention becomes causal (is_decoder). The masked-LM head becomes
     the causal LM head (`mlm_head.*` -> `lm_head.*`, the trained output bias included). The result is a starting
     point for causal training, not an equivalent model: the encoder never learnt to work without the future."""
-    if not config.bidirectional:
-        return state, config
     hidden = config.hidden_size
     out = {}
     for key, value in state.items():
-        if key.rsplit(".", 1)[-1] in EMA_PARAMETERS and ".ema_gate." in key:
+        if config.bidirectional and key.rsplit(".", 1)[-1] in EMA_PARAMETERS and ".ema_gate." in key:
             value = value[:hidden].clone()
         if key.startswith("mlm_head."):
             key = "lm_head." + key[len("mlm_head."):]

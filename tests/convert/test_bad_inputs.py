@@ -378,3 +378,50 @@ def test_resuming_with_another_architecture_is_one_line(tmp_path, tiny, pydoc_da
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert f"megatron-mega: error: {field} ({run}/step00000003); a run resumes with the model it saved" in \
             done.stderr, done.stderr
+
+
+def test_the_datasets_tokenizer_ships_when_the_config_names_none(tmp_path, tiny, pydoc_dataset, capsys):
+    """A run configured without `tokenizer:` (tiny.yaml) used to convert to a directory without a tokenizer, and
+    fine-tuning it then failed; the prepared dataset keeps the tokenizer the run recorded the sha256 of."""
+    from megatron_mega.data.tokenizer import Tokenizer
+
+    sha = Tokenizer.load(pydoc_dataset["tokenizer"]).sha256
+    config = {**tiny, "data": {**tiny["data"], "paths": [pydoc_dataset["dataset"]]}}
+    run = write_run(tmp_path / "run", tiny, config=config, tokenizer_sha256=sha)
+    assert convert(run, tmp_path / "out") == 0
+    assert "no tokenizer shipped" not in capsys.readouterr().out
+    assert Tokenizer.load(tmp_path / "out").sha256 == sha
+    # another tokenizer's dataset is not taken for it: nothing shipped, and said so
+    other = write_run(tmp_path / "other", tiny, config=config, tokenizer_sha256="ab" * 32)
+    assert convert(other, tmp_path / "out2") == 0
+    assert "no tokenizer shipped" in capsys.readouterr().out
+    assert not (tmp_path / "out2" / "tokenizer.model").exists()
+
+
+def test_an_encoder_with_a_causal_ema_is_no_causal_lm_unless_asked(tmp_path, tiny, capsys):
+    """objective mlm with bidirectional false and is_decoder false trains an encoder whose attention reads the future;
+    only the EMA's direction was checked, so `--head causal-lm` wrote a MegaForCausalLM with is_decoder false."""
+    from megatron_mega import MegaForMaskedLM
+
+    model_config = {**tiny["model"], "is_decoder": False, "bidirectional": False}
+    config = {**tiny, "objective": "mlm", "model": model_config}
+    run = str(tmp_path / "run")
+    tag = checkpointing.tag_for(3)
+    os.makedirs(os.path.join(run, tag))
+    torch.manual_seed(2)
+    encoder = MegaForMaskedLM(MegaConfig(**model_config))
+    with torch.no_grad():
+        encoder.mlm_head.bias.normal_()
+    state = {"format_version": checkpointing.FORMAT_VERSION, "step": 3, "consumed_samples": 12, "config": config,
+             "tokenizer_sha256": None, "world_size": 1,
+             "layout": {"pipeline_stages": 1, "zero_stage": 0, "data_parallel_size": 1}}
+    torch.save({"module": {"lm." + k: v for k, v in encoder.state_dict().items()}, **state},
+               os.path.join(run, tag, "mp_rank_00_model_states.pt"))
+    with open(os.path.join(run, tag, checkpointing.STATE_FILE), "w") as fh:
+        json.dump(state, fh)
+    with open(os.path.join(run, checkpointing.LATEST), "w") as fh:
+        fh.write(tag + "\n")
+    refused(capsys, run, tmp_path / "causal", "attention is not causal (is_decoder false)", head="causal-lm")
+    assert convert(run, tmp_path / "causal", head="causal-lm", bidirectional_to_causal=True) == 0
+    causal = MegaForCausalLM.from_pretrained(tmp_path / "causal")
+    assert causal.config.is_decoder and torch.equal(causal.lm_head.bias, encoder.mlm_head.bias)
