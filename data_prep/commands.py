@@ -84,7 +84,7 @@ def add_prepare_command(commands) -> None:
                      help="tokenizing processes (the output does not depend on it)")
     tok.add_argument("--num-jobs", type=int, default=1, help="split the inputs into this many parts (SLURM array)")
     tok.add_argument("--job-index", type=int, default=None,
-                     help="which part this job writes (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
+                     help="which part this job writes (default: $SLURM_ARRAY_TASK_ID, an array of 0..K-1)")
     tok.add_argument("--strict", action="store_true",
                      help="stop at the first bad record (named by file and line) instead of skipping it")
     tok.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on a terminal)")
@@ -173,7 +173,9 @@ def _job_index(args: argparse.Namespace) -> int:
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
     if task is None:
         raise PrepareError(f"--num-jobs {args.num_jobs} needs --job-index (or a SLURM array task)")
-    return int(task) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    # the task id itself: SLURM_ARRAY_TASK_MIN is that of the submission, so a task resubmitted alone
+    # (sbatch --array=2) would subtract its own id and redo part 0
+    return int(task)
 
 
 @_clean_errors

@@ -1,6 +1,6 @@
 """`megatron-mega slurm train|prepare`: render an sbatch script (print it with --dry-run) or submit it.
 
-    megatron-mega slurm train --config configs/train/wikitext103.yaml --nodes 4 --gpus-per-node 8 \\
+    megatron-mega slurm train --config configs/train/wikitext103.yaml --nodes 2 --gpus-per-node 8 \\
         --partition gpu --account proj --time 24:00:00 --venv .venv optim.lr=5e-4 --dry-run
     megatron-mega slurm prepare 'corpus/*.jsonl' --output data/corpus --tokenizer data/tok --num-jobs 16
 """
@@ -60,7 +60,8 @@ def add_commands(subparsers) -> None:
     prep.add_argument("inputs", nargs="+", metavar="INPUT")
     prep.add_argument("--output", required=True)
     prep.add_argument("--tokenizer", required=True)
-    prep.add_argument("--num-jobs", type=int, default=None, help="array tasks (default: one per input)")
+    prep.add_argument("--num-jobs", type=int, default=None,
+                      help="array tasks (default: one per input file, globs and folders expanded, at most 256)")
     prep.add_argument("--workers", type=int, default=1, help="tokenizing processes per task")
     prep.add_argument("--tokenize-arg", action="append", default=[],
                       help="extra option for prepare tokenize, e.g. --tokenize-arg=--text-key=content")
@@ -81,12 +82,29 @@ def _resources(args, **extra):
                         python=args.python, extra_sbatch=args.sbatch_arg, **extra)
 
 
-def _submit(script: str, path: str, args, *sbatch_args: str) -> str:
+def _check_counts(args) -> None:
+    """Counts SLURM would take literally (an --array=0--4, a USR1@-5) or divide by: refused before rendering."""
+    from launch.slurm import SlurmError
+
+    positive = [("--nodes", args.nodes)] + [(f"--{n.replace('_', '-')}", getattr(args, n)) for n in
+                                            ("procs_per_node", "cpus_per_task", "num_jobs", "workers")
+                                            if getattr(args, n, None) is not None]
+    for flag, value in positive:
+        if value < 1:
+            raise SlurmError(f"{flag} {value}: must be at least 1")
+    for flag, value in (("--gpus-per-node", getattr(args, "gpus_per_node", 0)),
+                        ("--signal-before", getattr(args, "signal_before", 0))):
+        if value < 0:
+            raise SlurmError(f"{flag} {value}: must be 0 or more")
+    if getattr(args, "gpus_per_node", 0) and getattr(args, "procs_per_node", 1) != 1:
+        raise SlurmError("--gpus-per-node and --procs-per-node: give one (with GPUs, one process per GPU)")
+
+
+def _submit(script: str, path: str, args, *sbatch_args: str) -> tuple[str, int]:
     from launch.slurm import sbatch, write_script
 
     write_script(script, path)
-    job = sbatch(path, *sbatch_args, *(["--wait"] if args.wait else []))
-    return job
+    return sbatch(path, *sbatch_args, *(["--wait"] if args.wait else []))
 
 
 def cmd_slurm_train(args: argparse.Namespace) -> int:
@@ -96,6 +114,7 @@ def cmd_slurm_train(args: argparse.Namespace) -> int:
     from megatron_mega.training.config import TrainConfigError, load_train_config
 
     try:
+        _check_counts(args)
         config = load_train_config(args.config, args.overrides)
         res = _resources(args, procs_per_node=args.procs_per_node, gpus_per_node=args.gpus_per_node)
         world = args.nodes * (args.gpus_per_node or args.procs_per_node)
@@ -109,35 +128,45 @@ def cmd_slurm_train(args: argparse.Namespace) -> int:
             return 0
         path = args.script or os.path.join(res.workdir, res.log_dir,
                                            f"{args.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
-        job = _submit(script, path, args)
+        job, code = _submit(script, path, args)
     except (TrainConfigError, SlurmError) as err:
         print(f"megatron-mega slurm: error: {err}", file=sys.stderr)
         return 2
     print(f"submitted job {job}: {path}\n  logs: {os.path.join(res.workdir, res.log_dir)}/{args.job_name}-{job}.out "
           f"and {args.job_name}-{job}/node<N>-task<T>.out")
-    return 0
+    if args.wait:
+        print(f"job {job} ended with exit code {code}")
+    return code
 
 
 def cmd_slurm_prepare(args: argparse.Namespace) -> int:
     from launch.slurm import SlurmError, render_prepare_scripts, sbatch, write_script
 
     try:
+        _check_counts(args)
         res = _resources(args)
         array, merge = render_prepare_scripts(args.inputs, os.path.abspath(args.output),
                                               os.path.abspath(args.tokenizer), res, num_jobs=args.num_jobs,
                                               workers=args.workers, tokenize_args=args.tokenize_arg,
                                               reshard=args.reshard)
         if args.dry_run:
-            print(f"# --- array job (sbatch)\n{array}\n# --- merge job (sbatch --dependency=afterok:ARRAY_JOB_ID)\n"
-                  f"{merge}", end="")
+            print(f"# --- array job (sbatch)\n{array}", end="")
+            if merge is not None:
+                print(f"\n# --- merge job (sbatch --dependency=afterok:ARRAY_JOB_ID)\n{merge}", end="")
             return 0
         base = args.script or os.path.join(res.workdir, res.log_dir, args.job_name)
-        array_id = sbatch(write_script(array, base + "-tokenize.sbatch"))
-        merge_id = sbatch(write_script(merge, base + "-merge.sbatch"), f"--dependency=afterok:{array_id}",
-                          "--kill-on-invalid-dep=yes", *(["--wait"] if args.wait else []))
+        wait = ["--wait"] if args.wait else []
+        tasks = array.split("#SBATCH --array=0-", 1)[1].split("\n", 1)[0]
+        array_id, code = sbatch(write_script(array, base + "-tokenize.sbatch"), *([] if merge else wait))
+        merge_id = None
+        if merge is not None:
+            merge_id, code = sbatch(write_script(merge, base + "-merge.sbatch"), f"--dependency=afterok:{array_id}",
+                                    "--kill-on-invalid-dep=yes", *wait)
     except SlurmError as err:
         print(f"megatron-mega slurm: error: {err}", file=sys.stderr)
         return 2
-    print(f"submitted array job {array_id} ({args.num_jobs or len(args.inputs)} tasks) and merge job {merge_id} "
-          f"(after all succeed)")
-    return 0
+    print(f"submitted array job {array_id} ({int(tasks) + 1} task(s))"
+          + (f" and merge job {merge_id} (after all succeed)" if merge_id else " (one part: no merge)"))
+    if args.wait:
+        print(f"job {merge_id or array_id} ended with exit code {code}")
+    return code

@@ -17,9 +17,9 @@ for arg in "$@"; do
   esac
 done
 
-quiet_pip() {  # pip's output minus the noise of this machine's local indexes
-  "$@" 2>&1 | grep -vE "^WARNING: Location .* is ignored" || true
-  return "${PIPESTATUS[0]}"
+quiet_pip() {  # pip's output minus the noise of this machine's local indexes; pip's exit status (pipefail)
+  # grep finding nothing to print is not a failure; `cmd | grep || true` would also reset PIPESTATUS and hide pip's
+  "$@" 2>&1 | { grep -vE "^WARNING: Location .* is ignored" || true; }
 }
 
 make_venv() {

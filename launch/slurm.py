@@ -6,16 +6,23 @@ Training job (`render_train_script`):
   `--procs-per-node` workers. `--launcher direct`: `srun` starts one task per process and the trainer reads its rank
   from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (megatron_mega.training.distributed), MASTER_ADDR = the first node.
 - Preemption: `#SBATCH --signal=B:USR1@N` asks SLURM to signal the batch shell N seconds before the time limit. The
-  script's trap forwards SIGTERM to srun (which hands it to the launchers and workers); the trainer finishes its
+  script's USR1 trap sends SIGTERM to the job step's processes (launchers and workers); the trainer finishes its
   step, saves a checkpoint and exits 0; the script then runs `scontrol requeue $SLURM_JOB_ID`, and the requeued job
   resumes from checkpoint.dir automatically. A preempted job that already finished training is not requeued.
-- Failure: the script exits with srun's exit code when srun fails, so the job is FAILED, never COMPLETED.
+  torchrun waits N seconds for its workers (`--shutdown-timeout`, 30 s by default) and srun lets the other nodes
+  finish for N seconds after the first task ends (`--wait`): a node done saving never kills one still saving.
+- Cancel: `scancel` (SIGTERM to the batch shell and the steps) lets the trainer save and stop too, but the job is
+  not requeued: only USR1 means preemption.
+- Failure: the script exits with srun's exit code when srun fails, so the job is FAILED, never COMPLETED; the other
+  nodes' tasks are stopped N seconds after the first one failed (or, without a signal, 120 s).
 - Logs: LOG_DIR/NAME-JOBID.out (the batch script: resolved config, the command, exit status; appended across
   requeues) and LOG_DIR/NAME-JOBID/node<N>-task<T>.out per srun task (torchrun prefixes each worker's lines with
   its local rank; with `direct` the task id is the rank).
 
 Data preparation (`render_prepare_scripts`): an array job, one task per input part (`prepare tokenize --num-jobs K`,
-the task index from SLURM_ARRAY_TASK_ID), and a merge job submitted with `--dependency=afterok:ARRAY_ID`.
+`--job-index $SLURM_ARRAY_TASK_ID`, so one task resubmitted alone with `sbatch --array=i` redoes part i), and a
+merge job submitted with `--dependency=afterok:ARRAY_ID`; with K = 1 the single task writes the dataset itself
+and there is no merge job.
 """
 
 from __future__ import annotations
@@ -63,9 +70,17 @@ def _q(value: str) -> str:
     return shlex.quote(str(value))
 
 
+def _directive(value: str) -> str:
+    """An #SBATCH value: sbatch splits directives at spaces unless the value is double-quoted."""
+    value = str(value)
+    if '"' in value:
+        raise SlurmError(f"{value!r}: a double quote cannot appear in an #SBATCH value")
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
 def _sbatch_lines(res: JobResources, ntasks_per_node: int, output: str) -> list[str]:
-    lines = [f"#SBATCH --job-name={res.job_name}", f"#SBATCH --nodes={res.nodes}",
-             f"#SBATCH --ntasks-per-node={ntasks_per_node}", f"#SBATCH --output={output}",
+    lines = [f"#SBATCH --job-name={_directive(res.job_name)}", f"#SBATCH --nodes={res.nodes}",
+             f"#SBATCH --ntasks-per-node={ntasks_per_node}", f"#SBATCH --output={_directive(output)}",
              "#SBATCH --open-mode=append"]
     if res.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={res.gpus_per_node}")
@@ -113,11 +128,13 @@ def render_train_script(config: str, overrides: Sequence[str], res: JobResources
     if signal_before_s:
         head.append(f"#SBATCH --signal=B:USR1@{signal_before_s}")
     head.append("#SBATCH --requeue" if requeue else "#SBATCH --no-requeue")
+    grace = max(30, signal_before_s) if signal_before_s else 120  # seconds to let a stopping job finish
     if launcher == "torchrun":
         cmd = train_command(config, overrides, procs, python=res.python, nnodes=res.nodes,
                             rdzv_endpoint="$MASTER_ADDR:$RDZV_PORT", rdzv_id="$SLURM_JOB_ID")
-        # torchrun prefixes each worker's lines with its rank ("[default0]:") so a node's log stays readable
-        cmd.insert(cmd.index("-m", 2), "--tee=3")
+        # torchrun prefixes each worker's lines with its rank ("[default0]:") so a node's log stays readable; after
+        # a SIGTERM it waits --shutdown-timeout (30 s by default) for its workers before killing them mid-save
+        cmd[cmd.index("-m", 2):cmd.index("-m", 2)] = ["--tee=3", f"--shutdown-timeout={grace}"]
     else:
         cmd = train_command(config, overrides, python=res.python, launcher="direct")
     # $VARS must expand in the script: quote everything else
@@ -143,17 +160,25 @@ def render_train_script(config: str, overrides: Sequence[str], res: JobResources
         "MEGA_RESOLVED_CONFIG",
         "",
         "PREEMPTED=0",
-        "on_signal() {  # SLURM's --signal before the time limit, or scancel --signal=USR1 --batch",
+        "CANCELLED=0",
+        "on_preempt() {  # SLURM's --signal before the time limit, or scancel --signal=USR1 --batch",
         '  [ "$PREEMPTED" = 1 ] && return',
         "  PREEMPTED=1",
-        '  echo "=== $(date -Is) caught a signal: asking the training to checkpoint and stop"',
+        '  echo "=== $(date -Is) caught USR1: asking the training to checkpoint and stop, then requeueing"',
         "  # SIGTERM to the job steps' processes (not to srun: srun would kill its tasks at once). torchrun passes",
         "  # it on to its workers and waits for them; the trainer finishes its step, saves and exits 0.",
         '  scancel --signal=TERM "$SLURM_JOB_ID"',
         "}",
-        "trap on_signal USR1 TERM",
+        "on_cancel() {  # scancel: SLURM signals the steps too (the trainer saves and stops); never requeued",
+        "  CANCELLED=1",
+        '  echo "=== $(date -Is) caught SIGTERM (scancel): the training checkpoints and stops; not requeued"',
+        "}",
+        "trap on_preempt USR1",
+        "trap on_cancel TERM",
         "",
-        f"SRUN=(srun --kill-on-bad-exit=1 --open-mode=append --ntasks-per-node={ntasks_per_node} "
+        # kill-on-bad-exit off, --wait on: after a signal, torchrun exits non-zero when its workers are done, and
+        # the first node to finish must not kill the others while they are still saving
+        f"SRUN=(srun --kill-on-bad-exit=0 --wait={grace} --open-mode=append --ntasks-per-node={ntasks_per_node} "
         f"{' '.join(_q(a) for a in _srun_container(res))} "
         '--output="$RUN_LOGS/node%n-task%t.out")',
         f"TRAIN=({train})",
@@ -165,14 +190,25 @@ def render_train_script(config: str, overrides: Sequence[str], res: JobResources
         '  kill -0 "$SRUN_PID" 2>/dev/null || break   # wait returned because of the trap: keep waiting',
         "done",
         'echo "=== $(date -Is) srun exited with $rc"',
+        "# rank 0's lines: on whichever node the launcher put it",
+        'if grep -qs "stopped: finished" "$RUN_LOGS"/node*-task*.out; then FINISHED=1; else FINISHED=0; fi',
+        'if grep -qs "stopped by signal at iteration" "$RUN_LOGS"/node*-task*.out; then SAVED=1; else SAVED=0; fi',
+        'if [ "$CANCELLED" = 1 ] && [ "$PREEMPTED" = 0 ]; then',
+        '  [ "$SAVED" = 1 ] && echo "=== cancelled; stopped with a checkpoint" || '
+        'echo "=== cancelled (srun exit code $rc)"',
+        '  exit "$rc"',
+        "fi",
         'if [ "$PREEMPTED" = 1 ]; then',
-        '  if grep -qs "stopped: finished" "$RUN_LOGS"/node0-task0.out && [ "$rc" = 0 ]; then',
+        '  if [ "$FINISHED" = 1 ]; then',
         '    echo "=== training had already finished: not requeued"; exit 0',
         "  fi",
+        '  [ "$SAVED" = 1 ] && echo "=== stopped with a checkpoint" || '
+        'echo "=== stopped without a new checkpoint (srun exit code $rc): the newest saved one is resumed"',
         *(['  echo "=== requeueing job $SLURM_JOB_ID; it resumes from the checkpoint"',
            '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
            '  echo "=== scontrol requeue failed" >&2; exit 1'] if requeue else
-          ['  echo "=== stopped with a checkpoint (--no-requeue: resubmit to resume)"; exit 0']),
+          ['  echo "=== --no-requeue: resubmit to resume"',
+           '  [ "$SAVED" = 1 ] && exit 0 || exit "$rc"']),
         "fi",
         'if [ "$rc" != 0 ]; then echo "=== training failed (srun exit code $rc)" >&2; exit "$rc"; fi',
         'echo "=== training finished"',
@@ -183,18 +219,31 @@ def render_train_script(config: str, overrides: Sequence[str], res: JobResources
 def render_prepare_scripts(inputs: Sequence[str], output: str, tokenizer: str, res: JobResources, *,
                            num_jobs: Optional[int] = None, workers: int = 1,
                            tokenize_args: Sequence[str] = (), reshard: bool = False) -> tuple[str, str]:
-    """(array script, merge script): `prepare tokenize --num-jobs K` as an array of K tasks, then `prepare merge`."""
-    k = num_jobs or max(1, len(inputs))
+    """(array script, merge script or None): `prepare tokenize --num-jobs K` as an array of K tasks, then `prepare
+    merge`; with K = 1 one task writes the dataset itself (no parts, no merge). K defaults to one task per input
+    file (globs and folders expanded), at most MAX_DEFAULT_TASKS."""
+    if num_jobs is not None and num_jobs < 1:
+        raise SlurmError(f"--num-jobs {num_jobs}: must be at least 1")
+    if workers < 1:
+        raise SlurmError(f"--workers {workers}: must be at least 1")
+    k = num_jobs or max(1, min(MAX_DEFAULT_TASKS, len(_input_files(inputs))))
     log_dir = os.path.abspath(os.path.join(res.workdir, res.log_dir))
     cli = [res.python, "-m", "megatron_mega.cli", "prepare"]
-    tok = [*cli, "tokenize", *inputs, "--output", output, "--tokenizer", tokenizer, "--num-jobs", str(k),
-           "--workers", str(workers), "--no-progress", *tokenize_args]
-    array_res = JobResources(**{**res.__dict__, "nodes": 1, "job_name": f"{res.job_name}-tokenize"})
+    # inputs as absolute paths: the job runs in --workdir, not necessarily here
+    tok = [*cli, "tokenize", *(i if os.path.isabs(i) else os.path.abspath(i) for i in inputs), "--output", output,
+           "--tokenizer", tokenizer, "--num-jobs", str(k), "--workers", str(workers), "--no-progress",
+           *tokenize_args]
+    job_index = ["--job-index", "$SLURM_ARRAY_TASK_ID"] if k > 1 else []
+    # the worker processes need their cores: one per worker unless --cpus-per-task says otherwise
+    array_res = JobResources(**{**res.__dict__, "nodes": 1, "job_name": f"{res.job_name}-tokenize",
+                                "cpus_per_task": res.cpus_per_task or (workers if workers > 1 else None)})
     array = ["#!/bin/bash", *_sbatch_lines(array_res, 1, f"{log_dir}/%x-%A_%a.out"), f"#SBATCH --array=0-{k - 1}",
              "# generated by `megatron-mega slurm prepare`: one task per input part",
              "set -euo pipefail", *_environment_lines(res, workers),
              'echo "=== array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on $SLURMD_NODENAME"',
-             f"CMD=({' '.join(_q(c) for c in tok)})", 'echo "+ ${CMD[*]}"', '"${CMD[@]}"']
+             f"CMD=({' '.join(_q(c) for c in tok)} {' '.join(job_index)})", 'echo "+ ${CMD[*]}"', '"${CMD[@]}"']
+    if k == 1:
+        return "\n".join(array) + "\n", None
     merge_res = JobResources(**{**res.__dict__, "nodes": 1, "job_name": f"{res.job_name}-merge"})
     merge = ["#!/bin/bash", *_sbatch_lines(merge_res, 1, f"{log_dir}/%x-%j.out"),
              "# generated by `megatron-mega slurm prepare`: runs after every array task succeeded",
@@ -204,20 +253,37 @@ def render_prepare_scripts(inputs: Sequence[str], output: str, tokenizer: str, r
     return "\n".join(array) + "\n", "\n".join(merge) + "\n"
 
 
-def sbatch(script_path: str, *args: str, env: Optional[dict] = None) -> str:
-    """Submit; return the job id. The log folder (from the script's --output line) is created first: SLURM
-    cannot open an output file in a missing folder (the job then fails at once with exit code 0:53)."""
+MAX_DEFAULT_TASKS = 256  # array tasks when --num-jobs is not given (one per input file up to this)
+
+
+def _input_files(inputs: Sequence[str]) -> list[str]:
+    """The files `prepare tokenize` will read (globs and folders expanded); refuses inputs that do not exist."""
+    from data_prep.errors import PrepareError
+    from data_prep.sources import expand_inputs
+
+    try:
+        return expand_inputs(list(inputs))
+    except PrepareError as err:
+        raise SlurmError(str(err)) from None
+
+
+def sbatch(script_path: str, *args: str, env: Optional[dict] = None) -> tuple[str, int]:
+    """Submit; return (job id, sbatch's exit code: with --wait, the job's). The log folder (from the script's
+    --output line) is created first: SLURM cannot open an output file in a missing folder (the job then fails at
+    once with exit code 0:53)."""
     with open(script_path, encoding="utf-8") as fh:
         for line in fh:
             if line.startswith("#SBATCH --output="):
-                os.makedirs(os.path.dirname(line.split("=", 1)[1].strip()), exist_ok=True)
+                os.makedirs(os.path.dirname(line.split("=", 1)[1].strip().strip('"')), exist_ok=True)
     try:
         out = subprocess.run(["sbatch", "--parsable", *args, script_path], capture_output=True, text=True, env=env)
     except FileNotFoundError:
         raise SlurmError("sbatch not found: run this on a SLURM login node (or use --dry-run)") from None
-    if out.returncode != 0:
-        raise SlurmError(f"sbatch {script_path} failed: {out.stderr.strip()}")
-    return out.stdout.strip().split(";")[0]
+    job = out.stdout.strip().split("\n")[0].split(";")[0]
+    if out.returncode != 0 and not ("--wait" in args and job.isdigit()):
+        raise SlurmError(f"sbatch {script_path} failed (exit code {out.returncode}): "
+                         f"{out.stderr.strip() or out.stdout.strip() or 'no message'}")
+    return job, out.returncode
 
 
 def write_script(text: str, path: str) -> str:

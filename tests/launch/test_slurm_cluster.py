@@ -88,6 +88,45 @@ def test_signal_before_limit_checkpoints_requeues_and_resumes(slurm_cluster, pyd
     assert f"step{stopped:08d}" in os.listdir(ckpt) and "step00000120" in os.listdir(ckpt)
 
 
+def _wait_for(path, text, job, cluster, batch_log, run_logs, timeout=120):
+    deadline = time.time() + timeout
+    while text not in _rank_logs(run_logs):
+        assert time.time() < deadline, _read(batch_log) + _rank_logs(run_logs)
+        assert cluster.job_state(job)[0] in ("PENDING", "RUNNING", "CONFIGURING"), _read(batch_log)
+        time.sleep(0.2)
+
+
+def test_torchrun_preemption_requeues_and_a_plain_scancel_does_not(slurm_cluster, pydoc_dataset, tmp_path):
+    """torchrun this time. After the signal its torchrun exits non-zero once the workers saved: with
+    --kill-on-bad-exit=1 the first node to finish killed the others mid-save, and torchrun's own 30 s shutdown
+    timeout could too. And a plain scancel (SIGTERM to the batch shell) used to requeue the cancelled job."""
+    ckpt = tmp_path / "ckpt"
+    job, batch_log, run_logs = _submit_train(
+        slurm_cluster, tmp_path, "tpre", "--nodes", "2", "--signal-before", "60",
+        overrides=_data(pydoc_dataset, ckpt, "checkpoint.interval=1000", "optim.train_steps=60",
+                        "logging.interval=1"))
+    _wait_for(run_logs, "iteration 6/60", job, slurm_cluster, batch_log, run_logs)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm_cluster.env, check=True)
+    state, exit_code, restarts = slurm_cluster.wait(job, 180)
+    log, ranks = _read(batch_log), _rank_logs(run_logs)
+    assert (state, exit_code, restarts) == ("COMPLETED", "0:0", 1), log + ranks
+    assert "stopped with a checkpoint" in log and "requeueing job" in log
+    stopped = int(re.search(r"stopped by signal at iteration (\d+)", ranks).group(1))
+    assert f"resumed from {ckpt}/step{stopped:08d} at iteration {stopped}" in ranks and "done: iteration 60" in ranks
+
+    job, batch_log, run_logs = _submit_train(
+        slurm_cluster, tmp_path, "tcancel", "--nodes", "2",
+        overrides=_data(pydoc_dataset, tmp_path / "ckpt2", "checkpoint.interval=1000", "optim.train_steps=100000",
+                        "logging.interval=1"))
+    _wait_for(run_logs, "iteration 4/100000", job, slurm_cluster, batch_log, run_logs)
+    subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
+    state, _, restarts = slurm_cluster.wait(job, 120)
+    time.sleep(1)
+    log = _read(batch_log)
+    assert state == "CANCELLED" and restarts == 0, log
+    assert "requeueing" not in log and slurm_cluster.job_state(job)[0] == "CANCELLED"
+
+
 def test_failing_srun_fails_the_job(slurm_cluster, pydoc_dataset, tmp_path):
     job, batch_log, run_logs = _submit_train(
         slurm_cluster, tmp_path, "bad", "--nodes", "2",

@@ -31,9 +31,16 @@ def test_torchrun_script(capsys, tmp_path):
                  "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --qos=high",
                  "source /opt/venv/bin/activate", 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1',
                  "--nproc_per_node=8 --nnodes=4 --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$RDZV_PORT",
-                 "optim.global_batch_size=64", "trap on_signal USR1 TERM", 'scontrol requeue "$SLURM_JOB_ID"',
-                 'exit "$rc"', "global_batch_size: 64", "node%n-task%t.out"):
+                 "optim.global_batch_size=64", "trap on_preempt USR1", "trap on_cancel TERM",
+                 'scontrol requeue "$SLURM_JOB_ID"', 'exit "$rc"', "global_batch_size: 64", "node%n-task%t.out",
+                 # torchrun's 30 s default killed workers mid-save; a node done first must not kill the others
+                 "--tee=3 --shutdown-timeout=300", "srun --kill-on-bad-exit=0 --wait=300",
+                 # rank 0 may be on any node
+                 'grep -qs "stopped: finished" "$RUN_LOGS"/node*-task*.out'):
         assert line in text, line
+    # only USR1 (preemption) leads to a requeue; a scancel's SIGTERM does not
+    cancel = text.split("on_cancel() {")[1].split("\n}\n")[0]
+    assert "CANCELLED=1" in cancel and "scontrol" not in cancel and "PREEMPTED" not in cancel
     assert "DS_ACCELERATOR" not in text  # GPUs: DeepSpeed picks cuda itself
     _bash_syntax_ok(text, tmp_path)
 
@@ -58,10 +65,39 @@ def test_bad_config_is_refused_before_submission(capsys):
 
 
 def test_prepare_scripts(capsys, tmp_path):
-    text = _render(capsys, "prepare", "a.jsonl", "b.jsonl", "c.jsonl", "--output", "out", "--tokenizer", "tok",
-                   "--reshard")
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.jsonl").write_text('{"text": "x"}\n')
+    text = _render(capsys, "prepare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.jsonl"),
+                   "--output", "out", "--tokenizer", "tok", "--reshard", "--workers", "4")
     array, merge = text.split("# --- merge job")
-    assert "#SBATCH --array=0-2" in array and "--num-jobs 3" in array and "prepare tokenize a.jsonl b.jsonl" in array
+    assert "#SBATCH --array=0-2" in array and "--num-jobs 3" in array
+    assert f"prepare tokenize {tmp_path}/a.jsonl {tmp_path}/b.jsonl" in array
+    # the task id itself (a task resubmitted alone with --array=2 redoes part 2), and a core per worker
+    assert "--job-index $SLURM_ARRAY_TASK_ID" in array and "#SBATCH --cpus-per-task=4" in array
     assert "%A_%a.out" in array and "set -euo pipefail" in array
     assert "prepare merge" in merge and "--reshard" in merge and "afterok" in merge
     _bash_syntax_ok(array, tmp_path)
+    # one quoted glob: one task per file it matches
+    text = _render(capsys, "prepare", f"{tmp_path}/*.jsonl", "--output", "out", "--tokenizer", "tok")
+    assert "#SBATCH --array=0-2" in text and "--num-jobs 3" in text
+    # one part: the task writes the dataset itself, and there is no merge job (it failed: no parts to merge)
+    text = _render(capsys, "prepare", str(tmp_path / "a.jsonl"), "--output", "out", "--tokenizer", "tok")
+    assert "--num-jobs 1" in text and "merge job" not in text and "--job-index" not in text
+
+
+def test_counts_missing_inputs_and_spaces(capsys, tmp_path):
+    for args, message in ((["train", "--config", TINY, "--nodes", "0"], "--nodes 0: must be at least 1"),
+                          (["train", "--config", TINY, "--signal-before", "-5"], "--signal-before -5: must be 0"),
+                          (["train", "--config", TINY, "--gpus-per-node", "8", "--procs-per-node", "2"],
+                           "give one"),
+                          (["prepare", str(tmp_path / "nope.jsonl"), "--output", "o", "--tokenizer", "t"],
+                           "nope.jsonl (no such file)"),
+                          (["prepare", TINY, "--output", "o", "--tokenizer", "t", "--num-jobs", "-3"],
+                           "--num-jobs -3: must be at least 1")):
+        assert main(["slurm", *args, "--dry-run"]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("megatron-mega slurm: error: ") and message in err, err
+    # sbatch splits an unquoted directive at a space ("Invalid directive found in batch script")
+    text = _render(capsys, "train", "--config", TINY, "--workdir", str(tmp_path / "my dir"), "--job-name", "a b")
+    assert f'#SBATCH --output="{tmp_path}/my dir/runs/slurm/%x-%j.out"' in text
+    assert '#SBATCH --job-name="a b"' in text
