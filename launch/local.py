@@ -107,9 +107,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--log", default=None, help="also append the output to this file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc {args.nproc}: must be at least 1")
+    from megatron_mega.training.config import TrainConfigError, load_train_config
+
+    try:  # once here, not once per worker after torchrun started them
+        load_train_config(args.config, args.overrides).layout(args.nproc)
+    except TrainConfigError as err:
+        print(f"launch.local: error: {err}", file=sys.stderr)
+        return 2
     cmd = train_command(args.config, args.overrides, args.nproc)
+    # torchrun kills its workers 30 s after a SIGTERM by default: give a saving worker time
+    cmd[cmd.index("-m", 2):cmd.index("-m", 2)] = ["--shutdown-timeout=600"]
     print(f"+ {shlex.join(cmd)}", flush=True)
-    return run_streaming(cmd, args.log, env=launch_env())
+    stopped = []
+    rc = run_streaming(cmd, args.log, env=launch_env(),
+                       on_line=lambda line: stopped.append(line) if "stopped by signal at iteration" in line else None)
+    if rc != 0 and stopped:
+        # torchrun exits non-zero after forwarding a signal even when every worker saved and exited 0
+        print(f"launch.local: the training stopped on a signal with a checkpoint (torchrun exit code {rc})",
+              flush=True)
+        return 0
+    return rc
 
 
 if __name__ == "__main__":

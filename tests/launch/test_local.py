@@ -37,7 +37,16 @@ def test_sigterm_to_the_launcher_checkpoints_and_stops(pydoc_dataset, tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     lines += proc.stdout.readlines()
-    proc.wait(timeout=120)
+    rc = proc.wait(timeout=120)
     text = "".join(lines)
     assert "stopped by signal at iteration" in text, text[-3000:]
     assert [d for d in os.listdir(ckpt) if d.startswith("step")], text[-3000:]
+    assert rc == 0, text[-3000:]  # torchrun's own exit code after a signal is 1 even when the workers saved
+
+
+def test_a_bad_config_fails_before_torchrun_starts(capsys):
+    from launch.local import main
+
+    assert main(["--nproc", "2", "--config", TINY, "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"launch.local: error: {TINY}: optim.lrr: unknown field") and err.count("\n") == 1, err
