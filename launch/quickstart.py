@@ -110,8 +110,20 @@ def _input_args(args: argparse.Namespace, run_dir: str) -> tuple[list[str], Any]
     return extra, ("datasets", args.corpus[0], args.hf_config, args.hf_split, args.text_key, args.hf_data_files)
 
 
+def _check_overrides(args: argparse.Namespace) -> None:
+    """The config and the user's overrides, checked before the corpus and tokenizer phases spend minutes."""
+    from megatron_mega.training.config import TrainConfigError, load_train_config
+
+    try:
+        load_train_config(args.config, list(args.overrides)).layout(args.nproc)
+    except TrainConfigError as err:
+        print(f"quickstart: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def run(args: argparse.Namespace) -> dict:
     run_dir = os.path.abspath(args.run_dir)
+    _check_overrides(args)
     if args.fresh and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)

@@ -6,6 +6,9 @@
 # --corpus 'my/*.jsonl', --fresh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for arg in "$@"; do  # help needs no environment (the module imports nothing heavy): no install first
+  case "$arg" in -h|--help) exec "${PYTHON:-python3}" -m launch.quickstart --help ;; esac
+done
 bash launch/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/python -m launch.quickstart "$@"

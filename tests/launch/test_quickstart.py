@@ -90,3 +90,15 @@ def test_corpus_option_files_datasets_folder_or_name(tmp_path):
     assert args_for(str(tmp_path / "*.jsonl"))[0] == str(tmp_path / "*.jsonl")
     assert args_for(str(saved))[:2] == ["--hf-dataset", str(saved)]
     assert args_for("wikitext")[:2] == ["--hf-dataset", "wikitext"]
+
+
+def test_a_bad_override_stops_before_any_phase_and_help_installs_nothing(tmp_path):
+    """A typo in a training override used to surface only after the corpus, tokenizer and tokenize phases; and
+    `quickstart.sh --help` ran the pip installs before printing its usage."""
+    done = _quickstart(tmp_path / "qs", "optim.lrr=1")
+    assert done.returncode == 2 and "quickstart: error: " in done.stderr and "optim.lrr: unknown field" in done.stderr
+    assert not (tmp_path / "qs").exists()
+    shown = subprocess.run(["bash", "launch/quickstart.sh", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: bash launch/quickstart.sh")
+    assert "setup:" not in shown.stdout + shown.stderr
