@@ -39,6 +39,13 @@ def run_convert(args: argparse.Namespace) -> int:
     from megatron_mega.model import CheckpointError, ConfigError, MegaForCausalLM
 
     try:
+        from megatron_mega.model.pretrained import parse_size
+
+        try:
+            parse_size(args.max_shard_size)
+        except ValueError:
+            raise ExportError(f"--max-shard-size {args.max_shard_size!r}: use bytes or a size such as 2GB or "
+                              f"500MB") from None
         weights = read_training_checkpoint(args.checkpoint, args.step)
         head = args.head or ("causal-lm" if weights.objective == "causal" else "masked-lm")
         tokenizer = None

@@ -123,7 +123,7 @@ def export_hf(
             raise ExportError(f"{output_dir}: holds {path}, which this export reads; writing there would delete "
                               f"it. Choose another output directory")
     if os.path.exists(output_dir) and not force:
-        raise ExportError(f"{output_dir}: exists; pass force to replace it")
+        raise ExportError(f"{output_dir}: exists; pass --force (force=True) to replace it")
     cls = MEGA_HEADS[head]
     overrides: dict[str, Any] = {}
     if num_labels is not None:

@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -173,8 +174,16 @@ def _module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
     if not os.path.exists(path):
         raise TrainingCheckpointError(f"{path}: missing (incomplete checkpoint?)")
     # DeepSpeed's own file of our own run: it holds non-tensor objects, so weights_only loading cannot read it
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise TrainingCheckpointError(f"{path}: cannot be read ({_first_line(err)}); the file is damaged or "
+                                      f"incomplete (convert an earlier step with --step)") from None
     return _strip_wrapper(dict(blob["module"]), path)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _zero_weights(directory: str, tag: str) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ class LoadingReport:
         return "\n".join(lines)
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", size, re.IGNORECASE)
@@ -333,7 +333,7 @@ class MegaPreTrainedModel(nn.Module):
             for key in self._tied_weights_keys:
                 state.pop(key, None)
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        limit = _parse_size(max_shard_size)
+        limit = parse_size(max_shard_size)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key, tensor in state.items():

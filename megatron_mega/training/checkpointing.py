@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -168,8 +169,17 @@ def load(engine, directory: str, rank: int, tag: Optional[str] = None) -> Option
     tag = tag or latest_tag(directory)
     if tag is None:
         return None
-    path, client = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    try:
+        path, client = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except (EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointFormatError(f"{directory}/{tag}: a file cannot be read ({err}); the checkpoint is damaged "
+                                    f"or incomplete: resume an earlier step (checkpoint.load and its `latest`)") from None
+    except RuntimeError as err:
+        if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
+            raise  # not a damaged file: a real error, with its traceback
+        raise CheckpointFormatError(f"{directory}/{tag}: a file cannot be read ({str(err).splitlines()[0]}); the "
+                                    f"checkpoint is damaged or incomplete: resume an earlier step") from None
     if path is None:
         raise RuntimeError(f"{directory}/{tag}: DeepSpeed could not load this checkpoint")
     state = read_state(directory, tag)

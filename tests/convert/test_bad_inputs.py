@@ -159,7 +159,7 @@ def test_an_existing_output_is_kept_without_force(tmp_path, tiny, capsys):
     (tmp_path / "out" / "mine.txt").write_text("keep")
     assert convert(run, tmp_path / "out") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "exists; pass force" in err
+    assert err.count("\n") == 1 and "exists; pass --force" in err
     assert os.listdir(tmp_path / "out") == ["mine.txt"]
     assert convert(run, tmp_path / "out", force=True) == 0
     assert "mine.txt" not in os.listdir(tmp_path / "out")
@@ -425,3 +425,15 @@ def test_an_encoder_with_a_causal_ema_is_no_causal_lm_unless_asked(tmp_path, tin
     assert convert(run, tmp_path / "causal", head="causal-lm", bidirectional_to_causal=True) == 0
     causal = MegaForCausalLM.from_pretrained(tmp_path / "causal")
     assert causal.config.is_decoder and torch.equal(causal.lm_head.bias, encoder.mlm_head.bias)
+
+
+def test_a_truncated_module_file_and_a_bad_shard_size_are_one_line(tmp_path, tiny, capsys):
+    run = write_run(tmp_path / "run", tiny)
+    refused(capsys, run, tmp_path / "out", "--max-shard-size 'lots': use bytes or a size", max_shard_size="lots")
+    path = os.path.join(run, "step00000003", "mp_rank_00_model_states.pt")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    refused(capsys, run, tmp_path / "out", "mp_rank_00_model_states.pt: cannot be read (",
+            "damaged or incomplete (convert an earlier step with --step)")
