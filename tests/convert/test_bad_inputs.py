@@ -437,3 +437,15 @@ def test_a_truncated_module_file_and_a_bad_shard_size_are_one_line(tmp_path, tin
         fh.write(data[: len(data) // 2])
     refused(capsys, run, tmp_path / "out", "mp_rank_00_model_states.pt: cannot be read (",
             "damaged or incomplete (convert an earlier step with --step)")
+
+
+def test_resuming_a_damaged_checkpoint_is_one_line(tmp_path, tiny, pydoc_dataset):
+    run = write_run(tmp_path / "ck", tiny)
+    path = os.path.join(run, "step00000003", "mp_rank_00_model_states.pt")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+    done = train_command(pydoc_dataset, f"checkpoint.dir={run}", "optim.train_steps=4")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"megatron-mega: error: {run}/step00000003: a file cannot be read (" in done.stderr, done.stderr
