@@ -35,6 +35,14 @@ def _clean_errors(handler):
     return wrapped
 
 
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0 (argparse turns the ValueError into its one-line usage error)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
+    return value
+
+
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="files, folders or globs (quote them): .jsonl .json .txt .csv .tsv .parquet, "
@@ -99,9 +107,9 @@ def add_prepare_command(commands) -> None:
 
     look = steps.add_parser("inspect", help="counts, document lengths, token histogram, samples, checksums")
     look.add_argument("path", help="dataset folder or its manifest.json")
-    look.add_argument("--samples", type=int, default=3, help="documents to decode (the first, then random ones)")
-    look.add_argument("--sample-chars", type=int, default=300)
-    look.add_argument("--max-tokens", type=int, default=10_000_000, help="tokens counted for the histogram")
+    look.add_argument("--samples", type=_count, default=3, help="documents to decode (the first, then random ones)")
+    look.add_argument("--sample-chars", type=_count, default=300)
+    look.add_argument("--max-tokens", type=_count, default=10_000_000, help="tokens counted for the histogram")
     look.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
     look.set_defaults(func=_cmd_inspect)
 

@@ -76,6 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megatron_mega.training.trainer import TrainingAborted, run_training
 
     try:
+        if args.world_size is not None and not args.dry_run:
+            raise TrainConfigError("--world-size: only with --dry-run (a run takes its world from the launcher)")
         config = load_train_config(args.config, args.overrides)
         if args.dry_run:
             world = args.world_size or env_context()[0].world_size

@@ -258,6 +258,7 @@ class TrainConfig:
         """The data-parallel size and gradient accumulation for `world_size` processes; refuses what does not
         divide (global batch = micro batch x gradient accumulation x data-parallel size)."""
         stages = self.parallel.pipeline_stages
+        _check(isinstance(world_size, int) and world_size >= 1, f"world size: must be at least 1, got {world_size}")
         _check(world_size % stages == 0,
                f"parallel.pipeline_stages: {stages} does not divide the world size {world_size}")
         dp = world_size // stages

@@ -157,6 +157,11 @@ def test_dry_run_prints_config_json_and_counts(capsys):
     assert main(["--config", TINY, "--dry-run", "--world-size", "2"]) == 0
     assert main(["--config", TINY, "parallel.pipeline_stages=2", "parallel.zero_stage=3", "--dry-run"]) == 2
     assert "ZeRO-3 cannot be combined" in capsys.readouterr().err
+    # a negative world planned "accumulation -1"; --world-size without --dry-run was silently ignored
+    assert main(["--config", TINY, "--dry-run", "--world-size", "-2"]) == 2
+    assert "world size: must be at least 1, got -2" in capsys.readouterr().err
+    assert main(["--config", TINY, "--world-size", "2"]) == 2
+    assert "--world-size: only with --dry-run" in capsys.readouterr().err
 
 
 def test_add_commands_registers_train_on_a_parser(capsys):
