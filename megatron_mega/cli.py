@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -11,7 +12,16 @@ from megatron_mega.model.config import ConfigError, MegaConfig
 from megatron_mega.yaml_config import ConfigFileError, apply_overrides, load_yaml
 
 
+# the shipped tiny model config, found from the installed package (not the current directory) when not given
+DEFAULT_MODEL_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model",
+                                    "tiny.yaml")
+
+
 def _model_config(path: str, overrides: Sequence[str]) -> MegaConfig:
+    outside = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("model.")]
+    if outside:
+        raise ConfigFileError(f"override {outside[0]!r}: these commands read the model section only "
+                              f"(model.FIELD=value)")
     data = apply_overrides(load_yaml(path), overrides)
     section = data.get("model", {})
     if not isinstance(section, dict):
@@ -49,14 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="build a model from a config, save it, load it into all six heads")
-    demo.add_argument("--config", default="configs/model/tiny.yaml", help="YAML file with a 'model' section")
+    demo.add_argument("--config", default=DEFAULT_MODEL_CONFIG,
+                      help="YAML file with a 'model' section (default: the shipped configs/model/tiny.yaml)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the Hugging Face-format checkpoint goes")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")
     demo.set_defaults(func=_cmd_demo)
 
     info = commands.add_parser("model-info", help="validate a model config and print it with parameter counts")
-    info.add_argument("--config", default="configs/model/tiny.yaml")
+    info.add_argument("--config", default=DEFAULT_MODEL_CONFIG)
     info.add_argument("overrides", nargs="*")
     info.set_defaults(func=_cmd_model_info)
 

@@ -40,3 +40,12 @@ def test_console_script_runs_as_a_module():
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert '"model_type": "mega"' in result.stdout and "parameters:" in result.stdout
+
+
+def test_the_default_config_is_found_from_anywhere_and_overrides_must_be_model_fields(tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default was a path relative to the repository
+    assert main(["model-info"]) == 0 and "parameters:" in capsys.readouterr().out
+    for override in ("hidden_size=64", "foo.bar=1"):  # silently ignored before
+        assert main(["model-info", override]) == 2
+        assert f"override '{override}': these commands read the model section only" in capsys.readouterr().err
