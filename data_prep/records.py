@@ -56,6 +56,8 @@ def record_text(kind: int, payload: Any, text_key: str) -> tuple[Optional[str], 
         if not isinstance(payload, dict):
             return None, "not_object", f"a JSON {type(payload).__name__}, not an object"
         if payload.get(text_key) is None:
+            if text_key in payload:
+                return None, "missing_key", f"{text_key!r} is null"
             fields = ", ".join(sorted(map(str, payload))[:8]) or "none"
             return None, "missing_key", f"no {text_key!r} field (fields: {fields})"
         payload = payload[text_key]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -111,6 +112,8 @@ def train(documents: list[str], settings: TrainSettings, extra: Optional[dict] =
             num_threads=settings.threads, minloglevel=2)
     except RuntimeError as err:
         message = str(err).split("] ", 1)[-1].strip()
+        # SentencePiece names its own flags (--character_coverage); the command's are spelt with hyphens
+        message = re.sub(r"--(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
         raise PrepareError(f"SentencePiece training failed: {message}") from None
     training = {"model_type": settings.model_type, "vocab_size": settings.vocab_size,
                 "character_coverage": settings.character_coverage, "byte_fallback": settings.byte_fallback,

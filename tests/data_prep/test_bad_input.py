@@ -52,7 +52,7 @@ def test_every_bad_record_is_counted_with_its_location(tmp_path, tokenizer_dir):
     examples = summary.problems.examples
     assert examples["invalid_json"] == [f"{a}:2: Unterminated string starting at (column 10)"]
     assert examples["missing_key"][0] == f"{a}:3: no 'text' field (fields: title)"
-    assert examples["missing_key"][1] == f"{a}:9: no 'text' field (fields: text)"
+    assert examples["missing_key"][1] == f"{a}:9: 'text' is null"
     assert [x.split(": ")[0] for x in examples["empty"]] == [f"{a}:4", f"{a}:5", f"{e}:3"]
     assert examples["not_text"] == [f"{a}:7: 'text' is a int, not a string"]
     assert examples["not_object"] == [f"{a}:8: a JSON list, not an object"]
