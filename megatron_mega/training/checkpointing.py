@@ -84,15 +84,27 @@ def latest_tag(directory: str) -> Optional[str]:
         return fh.read().strip() or None
 
 
+class CheckpointSaveError(RuntimeError):
+    """This rank could not write its part of a checkpoint (a full disk, a quota, a lost mount)."""
+
+
 def save(engine, directory: str, step: int, client_state: dict[str, Any], rank: int, keep_last: int) -> str:
     tag = tag_for(step)
     client_state = {FORMAT_FIELD: FORMAT_VERSION, **client_state}
-    engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
     folder = os.path.join(directory, tag)
-    os.makedirs(folder, exist_ok=True)
-    torch.save(rng_state(), os.path.join(folder, f"rng-rank{rank:05d}.pt"))
-    if rank == 0:
-        atomic_write_text(os.path.join(folder, STATE_FILE), json.dumps(client_state, indent=1, default=str) + "\n")
+    try:
+        engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        os.makedirs(folder, exist_ok=True)
+        torch.save(rng_state(), os.path.join(folder, f"rng-rank{rank:05d}.pt"))
+        if rank == 0:
+            atomic_write_text(os.path.join(folder, STATE_FILE),
+                              json.dumps(client_state, indent=1, default=str) + "\n")
+    except (OSError, RuntimeError) as err:
+        # torch reports a full disk as "basic_ios::clear: iostream error": say what was being written
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointSaveError(f"rank {rank} could not write its part of checkpoint {folder} ({reason}; a full "
+                                  f"disk or quota?). {os.path.join(directory, LATEST)} still names the previous "
+                                  f"checkpoint") from err
     dist.barrier()  # every rank has written its part
     if rank == 0:
         atomic_write_text(os.path.join(directory, LATEST), tag + "\n")

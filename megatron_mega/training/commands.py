@@ -71,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megatron_mega.data.sampler import SamplerError
     from megatron_mega.data.tokenizer import TokenizerError
     from megatron_mega.model.pretrained import CheckpointError
+    from megatron_mega.training.checkpointing import CheckpointSaveError
     from megatron_mega.training.config import TrainConfigError, load_train_config
     from megatron_mega.training.distributed import env_context, shutdown_distributed
     from megatron_mega.training.trainer import TrainingAborted, run_training
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # a bad config, a missing or mismatched dataset/tokenizer/checkpoint: one line, no traceback
         print(f"megatron-mega: error: {err}", file=sys.stderr)
         return 2
-    except TrainingAborted as err:
+    except (TrainingAborted, CheckpointSaveError) as err:
         print(f"megatron-mega: training stopped: {err}", file=sys.stderr)
         return 1
     shutdown_distributed()

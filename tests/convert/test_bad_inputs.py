@@ -449,3 +449,15 @@ def test_resuming_a_damaged_checkpoint_is_one_line(tmp_path, tiny, pydoc_dataset
     done = train_command(pydoc_dataset, f"checkpoint.dir={run}", "optim.train_steps=4")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"megatron-mega: error: {run}/step00000003: a file cannot be read (" in done.stderr, done.stderr
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, pydoc_dataset):
+    """A rank that cannot write its part of a checkpoint (here a file stands where a folder must go; a full disk
+    reads "basic_ios::clear: iostream error" from torch) stops with what it was writing, exit code 1."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    done = train_command(pydoc_dataset, f"checkpoint.dir={blocker}/ck", "optim.train_steps=1")
+    assert done.returncode == 1, done.stderr
+    line = [l for l in done.stderr.splitlines() if l.startswith("megatron-mega: training stopped: ")]
+    assert line and f"rank 0 could not write its part of checkpoint {blocker}/ck/step00000001" in line[0], \
+        done.stderr
