@@ -117,11 +117,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"launch.local: error: {err}", file=sys.stderr)
         return 2
     cmd = train_command(args.config, args.overrides, args.nproc)
-    # torchrun kills its workers 30 s after a SIGTERM by default: give a saving worker time
-    cmd[cmd.index("-m", 2):cmd.index("-m", 2)] = ["--shutdown-timeout=600"]
     print(f"+ {shlex.join(cmd)}", flush=True)
     stopped = []
-    rc = run_streaming(cmd, args.log, env=launch_env(),
+    # torchrun kills its workers 30 s after a SIGTERM by default: give a saving worker time (the variable, not
+    # --shutdown-timeout, which torchrun before 2.11 refuses)
+    env = {**launch_env(), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")}
+    rc = run_streaming(cmd, args.log, env=env,
                        on_line=lambda line: stopped.append(line) if "stopped by signal at iteration" in line else None)
     if rc != 0 and stopped:
         # torchrun exits non-zero after forwarding a signal even when every worker saved and exited 0

@@ -12,9 +12,10 @@ from megatron_mega.model.config import ConfigError, MegaConfig
 from megatron_mega.yaml_config import ConfigFileError, apply_overrides, load_yaml
 
 
-# the shipped tiny model config, found from the installed package (not the current directory) when not given
-DEFAULT_MODEL_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model",
-                                    "tiny.yaml")
+# the shipped tiny model config: beside the package in a checkout (an editable install), else in the current
+# directory's configs/ (configs/ is not package data)
+_BESIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "model", "tiny.yaml")
+DEFAULT_MODEL_CONFIG = _BESIDE if os.path.exists(_BESIDE) else os.path.join("configs", "model", "tiny.yaml")
 
 
 def _model_config(path: str, overrides: Sequence[str]) -> MegaConfig:

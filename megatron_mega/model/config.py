@@ -29,8 +29,8 @@ class ConfigError(ValueError):
     """A MegaConfig whose fields contradict each other or are out of range."""
 
 
-# transformers also accepts the string "never" here
-_LOOSELY_TYPED = frozenset({"early_stopping"})
+# transformers also accepts the string "never" (early_stopping) and lists of ids (several end-of-sequence tokens)
+_LOOSELY_TYPED = frozenset({"early_stopping", "eos_token_id", "forced_eos_token_id"})
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,7 +31,11 @@ class ModelOutput:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
 
     def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        """The fields that are set, a deferred one included, without computing it (as a key test in transformers
+        is a dict lookup: `"loss" in out` must not run a vocabulary-sized product)."""
+        state = object.__getattribute__(self, "__dict__")
+        lazy = state.get("_lazy") or {}
+        return [f.name for f in fields(self) if f.name in lazy or state.get(f.name) is not None]
 
     def values(self) -> list[Any]:
         return [getattr(self, name) for name in self.keys()]

@@ -86,3 +86,10 @@ def test_bad_json_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="model_type"):
         MegaConfig.from_json_file(path)
+
+
+def test_a_list_of_end_of_sequence_ids_loads(tmp_path):
+    """transformers allows several eos ids (generation stops at any); the scalar type checks must not refuse it."""
+    config = MegaConfig(eos_token_id=[2, 3])
+    config.to_json_file(tmp_path / "config.json")
+    assert MegaConfig.from_pretrained(tmp_path).eos_token_id == [2, 3]

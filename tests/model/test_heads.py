@@ -105,6 +105,16 @@ def test_outputs_expose_hidden_states_attentions_and_tuples():
         "logits", "hidden_states", "attentions"}
 
 
+def test_a_key_test_does_not_compute_deferred_logits():
+    """With labels the causal LM defers its logits; `"loss" in out`, `keys()` and `get("loss")` must not compute
+    them (a tokens x vocabulary product, refused once the weights changed)."""
+    model = MegaForCausalLM(tiny_config(decoder=True))
+    ids = token_ids(2, 8)
+    out = model(ids, labels=ids)
+    assert "logits" in out and "loss" in out and out.keys() == ["loss", "logits"]
+    assert out.get("loss") is out.loss and "logits" in out.__dict__["_lazy"]  # still deferred
+
+
 def test_tuples_keep_transformers_positions():
     """return_dict=False gives transformers' MEGA tuples position for position, Nones kept: (loss?, head outputs,
     hidden_states, past_key_values, attentions, cross_attentions) — so `outputs[2]` means the same in both."""
