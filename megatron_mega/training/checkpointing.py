@@ -186,7 +186,7 @@ def load(engine, directory: str, rank: int, tag: Optional[str] = None) -> Option
                                               load_lr_scheduler_states=True)
     except (EOFError, pickle.UnpicklingError) as err:
         raise CheckpointFormatError(f"{directory}/{tag}: a file cannot be read ({err}); the checkpoint is damaged "
-                                    f"or incomplete: resume an earlier step (checkpoint.load and its `latest`)") from None
+                                    f"or incomplete: resume an earlier step") from None
     except RuntimeError as err:
         if "PytorchStreamReader" not in str(err) and "zip archive" not in str(err):
             raise  # not a damaged file: a real error, with its traceback
