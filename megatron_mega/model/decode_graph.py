@@ -52,7 +52,8 @@ class CudaGraphStep:
 
     def _forward(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(self.tokens, past_key_values=self.cache, use_cache=True).logits
+            return self.model(self.tokens, past_key_values=self.cache, use_cache=True, return_dict=True,
+                              output_attentions=False, output_hidden_states=False).logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.cache.check_room(self.model.config, tokens.shape[1])

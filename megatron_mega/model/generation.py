@@ -1,18 +1,23 @@
-"""Autoregressive generation for MegaForCausalLM, with transformers' argument names.
+"""Autoregressive generation for MegaForCausalLM, with transformers' argument names and semantics.
 
-Greedy or sampled (temperature, top-k, top-p) decoding, batched with left padding, stopping at eos. With the
-cache each new token costs one step through the EMA recurrence and attention over the current chunk only.
+Greedy or sampled (temperature, top-k, top-p) decoding, batched with left padding, stopping at eos, with
+transformers' repetition penalty, n-gram blocking, minimum lengths and several samples per prompt; defaults come from
+`model.generation_config` (model/generation_config.py). Beam search is not implemented, and an argument this does not
+implement is refused by name rather than ignored. With the cache each new token costs one step through the EMA
+recurrence and attention over the current chunk only.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
 from megatron_mega.model.cache import MegaStaticCache, static_cache_size
 from megatron_mega.model.decode_graph import CudaGraphStep
+from megatron_mega.model.generation_config import GenerationConfig
+from megatron_mega.model.outputs import GenerateDecoderOnlyOutput
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +39,82 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+# MegaConfig generation fields transformers would apply and this generate() does not: a warning when set
+_IGNORED_SETTINGS = {"num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "length_penalty": 1.0,
+                     "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                     "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
+                     "suppress_tokens": None, "begin_suppress_tokens": None, "remove_invalid_values": False}
+
+
+def _apply_repetition_penalty(scores: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: every token already in the row (prompt included) has its
+    score divided by the penalty when positive, multiplied when negative."""
+    seen = scores.gather(1, sequences)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, sequences, seen)
+
+
+def _ban_repeated_ngrams(scores: torch.Tensor, sequences: torch.Tensor, size: int) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already in the row is
+    banned."""
+    length = sequences.shape[1]
+    if length + 1 < size:
+        return scores
+    rows = sequences.tolist()
+    for row, tokens in enumerate(rows):
+        prefix = tuple(tokens[length - size + 1:]) if size > 1 else ()
+        banned = [tokens[i + size - 1] for i in range(length - size + 1) if tuple(tokens[i:i + size - 1]) == prefix]
+        if banned:
+            scores[row, banned] = float("-inf")
+    return scores
+
+
+def _eos_ids(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """An id, a list of ids, a numpy integer or a tensor, as a 1-d tensor (empty for None)."""
+    if value is None:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.as_tensor(value).reshape(-1).to(device=device, dtype=dtype)
+
+
+def _new_token_budget(prompt_length: int, max_new_tokens: Optional[int], max_length: Optional[int],
+                      generation: GenerationConfig) -> int:
+    """transformers' rules: max_new_tokens wins; else max_length counts the prompt; with neither given and the
+    generation config's max_length at its default (20), 20 new tokens (transformers >= 4.39)."""
+    if max_new_tokens is None and max_length is None:
+        max_new_tokens = generation.max_new_tokens
+        if max_new_tokens is None:
+            if generation.max_length == GenerationConfig().max_length:
+                max_new_tokens = generation.max_length
+            else:
+                max_length = generation.max_length
+    if max_new_tokens is not None:
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be greater than 0, got {max_new_tokens}")
+        return int(max_new_tokens)
+    if max_length <= prompt_length:
+        raise ValueError(f"the input is {prompt_length} tokens long, but max_length is {max_length}: raise "
+                         f"max_length or pass max_new_tokens")
+    return int(max_length) - prompt_length
+
+
 class MegaGenerationMixin:
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The defaults of generate(): the config's generation fields, then generation_config.json's."""
+        existing = self.__dict__.get("_generation_config")
+        if existing is None:
+            existing = GenerationConfig.from_model_config(self.config)
+            self.__dict__["_generation_config"] = existing
+        return existing
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        self.__dict__["_generation_config"] = value
+
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         max_new_tokens: Optional[int] = None,
         max_length: Optional[int] = None,
@@ -50,17 +126,43 @@ class MegaGenerationMixin:
         eos_token_id: Optional[Union[int, Iterable[int]]] = None,
         pad_token_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-        num_beams: int = 1,
+        num_beams: Optional[int] = None,
         cache_implementation: str = "dynamic",
         cuda_graph: bool = False,
-    ) -> torch.Tensor:
-        """Returns (batch, prompt + new tokens). Rows that hit eos are filled with pad_token_id afterwards.
+        *,
+        inputs: Optional[torch.Tensor] = None,
+        generation_config: Optional[GenerationConfig] = None,
+        **settings: Any,
+    ) -> Union[torch.Tensor, GenerateDecoderOnlyOutput]:
+        """Returns (batch x num_return_sequences, prompt + new tokens); rows that hit eos are filled with
+        pad_token_id afterwards. With return_dict_in_generate, a GenerateDecoderOnlyOutput (sequences, and scores /
+        logits per step when output_scores / output_logits). Other keywords: any GenerationConfig field
+        (min_new_tokens, min_length, repetition_penalty, no_repeat_ngram_size, num_return_sequences, ...); anything
+        else is refused by name.
 
         `cache_implementation="static"` decodes on fixed-size buffers (model/cache.py `MegaStaticCache`), the same
         tokens; with it `cuda_graph=True` (a model on a CUDA device) replays every step as one CUDA graph
         (model/decode_graph.py) instead of launching its kernels one by one, captured for this call after two
         warm-up steps (for 3 steps or fewer the steps run eagerly)."""
         config = self.config
+        if inputs is not None:
+            if input_ids is not None:
+                raise ValueError("give the prompt as input_ids or inputs, not both")
+            input_ids = inputs
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (the prompt)")
+        base = (generation_config or self.generation_config).to_dict()
+        generation = GenerationConfig(**{k: v for k, v in base.items() if k in GenerationConfig.field_names()})
+        unknown = sorted(set(settings) - set(GenerationConfig.field_names()))
+        if unknown:
+            raise ValueError(f"generate(): {unknown} not supported here (no beam search, logits processors or "
+                             f"stopping criteria); supported settings: {sorted(GenerationConfig.field_names())}")
+        explicit = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams, **settings)
+        generation.update({k: v for k, v in explicit.items() if v is not None})
+        ignored = [name for name, default in _IGNORED_SETTINGS.items() if getattr(config, name, default) != default]
+        if ignored:
+            logger.warning("generate() does not apply the config's %s", ", ".join(ignored))
         if cache_implementation not in ("dynamic", "static"):
             raise ValueError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
         static = use_cache and cache_implementation == "static"
@@ -70,24 +172,21 @@ class MegaGenerationMixin:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {input_ids.device}")
         if not config.is_decoder:
             raise ValueError("generate() needs a decoder: is_decoder=True and bidirectional=False")
-        if num_beams != 1:
-            raise ValueError("beam search is not implemented; use num_beams=1 (greedy or sampling)")
-        do_sample = config.do_sample if do_sample is None else do_sample
-        temperature = config.temperature if temperature is None else temperature
-        top_k = config.top_k if top_k is None else top_k
-        top_p = config.top_p if top_p is None else top_p
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if generation.num_beams != 1:
+            raise ValueError(f"beam search is not implemented (num_beams={generation.num_beams}); use num_beams=1 "
+                             f"(greedy or sampling)")
+        if generation.do_sample and generation.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {generation.temperature}")
+        copies = int(generation.num_return_sequences)
+        if copies < 1 or (copies > 1 and not generation.do_sample):
+            raise ValueError(f"num_return_sequences={copies}: more than one needs do_sample=True (greedy decoding "
+                             f"gives the same sequence each time; beam search is not implemented)")
         prompt_length = input_ids.shape[1]
-        if max_new_tokens is None:
-            max_new_tokens = (config.max_length if max_length is None else max_length) - prompt_length
-        if max_new_tokens <= 0:
-            return input_ids
-        if eos_token_id is None:
-            eos_token_id = config.eos_token_id
-        eos = torch.tensor([] if eos_token_id is None else
-                           ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                           dtype=input_ids.dtype, device=input_ids.device)
+        new_tokens = _new_token_budget(prompt_length, max_new_tokens, max_length, generation)
+        min_new = generation.min_new_tokens if generation.min_new_tokens is not None else 0
+        min_new = max(min_new, generation.min_length - prompt_length)
+        eos = _eos_ids(generation.eos_token_id, input_ids.device, input_ids.dtype)
+        pad_token_id = generation.pad_token_id
         if pad_token_id is None:
             pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
                 int(eos[0]) if eos.numel() else 0)
@@ -95,49 +194,70 @@ class MegaGenerationMixin:
             attention_mask = torch.ones_like(input_ids)
         elif bool((attention_mask[:, -1] == 0).any()):
             logger.warning("right padding detected in a decoder prompt: pad on the left for correct generation")
+        if copies > 1:
+            input_ids = input_ids.repeat_interleave(copies, dim=0)
+            attention_mask = attention_mask.repeat_interleave(copies, dim=0)
+        # what generate reads from a forward is fixed, whatever the config says the model returns by default
+        quiet = dict(return_dict=True, output_attentions=False, output_hidden_states=False)
 
         was_training = self.training
         self.eval()
+        scores: list[torch.Tensor] = []
+        raw: list[torch.Tensor] = []
         try:
             sequences = input_ids
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            out = self(input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=1)
+            out = self(input_ids, attention_mask=attention_mask, use_cache=use_cache, logits_to_keep=1, **quiet)
             cache = out.past_key_values if use_cache else None
             graph = None
             if static:
-                cache = MegaStaticCache.from_cache(cache, static_cache_size(config, prompt_length + max_new_tokens))
-                if cuda_graph and max_new_tokens - 1 > 3:  # the steps after the prefill's token, past the warm-up
+                cache = MegaStaticCache.from_cache(cache, static_cache_size(config, prompt_length + new_tokens))
+                if cuda_graph and new_tokens - 1 > 3:  # the steps after the prefill's token, past the warm-up
                     graph = CudaGraphStep(self, cache, input_ids.shape[0])
-            for step in range(max_new_tokens):
+            for step in range(new_tokens):
                 logits = out.logits[:, -1, :].float()
-                if do_sample:
-                    logits = logits / temperature
-                    if top_k and top_k > 0:
-                        logits = _top_k_filter(logits, top_k)
-                    if top_p is not None and top_p < 1.0:
-                        logits = _top_p_filter(logits, top_p)
+                if generation.output_logits:
+                    raw.append(logits)
+                if generation.repetition_penalty != 1.0:
+                    logits = _apply_repetition_penalty(logits, sequences, generation.repetition_penalty)
+                if generation.no_repeat_ngram_size > 0:
+                    logits = _ban_repeated_ngrams(logits, sequences, generation.no_repeat_ngram_size)
+                if step < min_new and eos.numel():
+                    logits = logits.index_fill(-1, eos, float("-inf"))
+                if generation.do_sample:
+                    logits = logits / generation.temperature
+                    if generation.top_k and generation.top_k > 0:
+                        logits = _top_k_filter(logits, generation.top_k)
+                    if generation.top_p is not None and generation.top_p < 1.0:
+                        logits = _top_p_filter(logits, generation.top_p)
                     next_tokens = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
                 else:
                     next_tokens = logits.argmax(dim=-1)
+                if generation.output_scores:
+                    scores.append(logits)
                 next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
                 sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
                 if eos.numel():
                     finished = finished | torch.isin(next_tokens, eos)
-                if bool(finished.all()) or step == max_new_tokens - 1:
+                if bool(finished.all()) or step == new_tokens - 1:
                     break
                 if graph is not None:
                     out.logits = graph.step(next_tokens[:, None])
                 elif static:
                     # the new tokens are real (a finished row's pad is fed as a token, as with the dynamic cache):
                     # no mask, so that the step reads nothing back to the host
-                    out = self(next_tokens[:, None], past_key_values=cache, use_cache=True)
+                    out = self(next_tokens[:, None], past_key_values=cache, use_cache=True, **quiet)
                 elif use_cache:
                     out = self(next_tokens[:, None], attention_mask=attention_mask, past_key_values=cache,
-                               use_cache=True)
+                               use_cache=True, **quiet)
                     cache = out.past_key_values
                 else:
-                    out = self(sequences, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+                    out = self(sequences, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **quiet)
+            if generation.return_dict_in_generate:
+                return GenerateDecoderOnlyOutput(sequences=sequences,
+                                                 scores=tuple(scores) if generation.output_scores else None,
+                                                 logits=tuple(raw) if generation.output_logits else None)
             return sequences
         finally:
             self.train(was_training)

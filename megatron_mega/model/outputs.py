@@ -111,3 +111,13 @@ class QuestionAnsweringModelOutput(ModelOutput):
     end_logits: Optional[torch.Tensor] = None
     hidden_states: Optional[tuple[torch.Tensor, ...]] = None
     attentions: Optional[tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """generate(..., return_dict_in_generate=True): transformers' names. scores: the processed scores of each step
+    (output_scores), logits: the raw ones (output_logits), each (batch, vocab)."""
+
+    sequences: Optional[torch.Tensor] = None
+    scores: Optional[tuple[torch.Tensor, ...]] = None
+    logits: Optional[tuple[torch.Tensor, ...]] = None

@@ -411,6 +411,14 @@ class MegaPreTrainedModel(nn.Module):
                                              source=directory,
                                              source_architecture=saved_architectures[0] if saved_architectures
                                              else None)
+        if "generation_config" in dir(type(model)):  # generative heads: generation_config.json overrides config.json
+            from megatron_mega.model.generation_config import GenerationConfig
+
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(
+                    directory, base=GenerationConfig.from_model_config(config))
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
         if target_dtype is not None:
             model.to(target_dtype)
         if device_map is not None:

@@ -1,0 +1,78 @@
+"""The defaults `generate()` reads, with transformers' names: `model.generation_config`.
+
+Built from the model's config.json (whose generation fields transformers keeps there too), then overridden by a
+`generation_config.json` beside it when there is one, as transformers' `from_pretrained` does. Arguments given to
+`generate()` override both. Keys this version does not use are kept (`extra`) and refused by `generate()` only
+when they ask for something it does not do (beam search, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+@dataclass
+class GenerationConfig:
+    max_length: int = 20
+    max_new_tokens: Optional[int] = None
+    min_length: int = 0
+    min_new_tokens: Optional[int] = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    output_scores: bool = False
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None  # an id or a list of ids
+    pad_token_id: Optional[int] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        return cls(**{name: getattr(config, name) for name in cls.field_names() if hasattr(config, name)})
+
+    def update(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if key in self.field_names():
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+
+    @classmethod
+    def from_pretrained(cls, directory: str, base: Optional["GenerationConfig"] = None) -> "GenerationConfig":
+        """`base` (the model config's defaults) overridden by DIRECTORY/generation_config.json when present."""
+        generation = dataclasses.replace(base) if base is not None else cls()
+        generation.extra = dict(generation.extra)
+        path = os.path.join(directory, GENERATION_CONFIG_NAME)
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: expected a JSON object")
+            bookkeeping = ("transformers_version", "_from_model_config")
+            generation.update({k: v for k, v in data.items() if k not in bookkeeping})
+        return generation
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.field_names()}
+        out.update(self.extra)
+        return out

@@ -1,0 +1,108 @@
+"""generate() with transformers' semantics beyond greedy/sampling parity (tests/model/test_masks_and_decoding.py):
+lengths, generation settings from the config and generation_config.json, transformers' logits processors
+(repetition penalty, n-gram blocking, minimum lengths), several samples per prompt, dict outputs, and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_mega import MegaForCausalLM
+from megatron_mega.model.generation_config import GenerationConfig
+from tests.helpers import tiny_config, token_ids
+from tests.reference.perturb import perturb_weights
+
+
+def _model(**config) -> MegaForCausalLM:
+    torch.manual_seed(0)
+    model = MegaForCausalLM(tiny_config(decoder=True, **config)).eval()
+    perturb_weights(model, 0, scale=0.05)
+    return model
+
+
+def test_lengths_follow_transformers():
+    model = _model()
+    assert model.generate(token_ids(1, 24)).shape[1] == 24 + 20  # default max_length 20: 20 new tokens
+    assert model.generate(token_ids(1, 6), max_length=9).shape[1] == 9  # max_length counts the prompt
+    model.generation_config.max_length = 30  # a configured max_length counts the prompt too
+    assert model.generate(token_ids(1, 6)).shape[1] == 30
+    with pytest.raises(ValueError, match="the input is 6 tokens long, but max_length is 4"):
+        model.generate(token_ids(1, 6), max_length=4)  # returned the prompt silently before
+    with pytest.raises(ValueError, match="max_new_tokens must be greater than 0"):
+        model.generate(token_ids(1, 6), max_new_tokens=0)
+
+
+def test_processors_match_transformers_definitions():
+    model = _model()
+    ids = token_ids(2, 7)
+    out = model.generate(ids, max_new_tokens=6, repetition_penalty=1.7, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True)
+    assert len(out.scores) == len(out.logits) == 6 and out.sequences.shape == (2, 13)
+    # step 0: every prompt token's score divided (positive) or multiplied (negative) by the penalty
+    raw, processed = out.logits[0], out.scores[0]
+    expected = raw.clone()
+    for row in range(2):
+        for token in set(ids[row].tolist()):
+            value = raw[row, token]
+            expected[row, token] = value * 1.7 if value < 0 else value / 1.7
+    torch.testing.assert_close(processed, expected, rtol=0, atol=0)
+    assert torch.equal(out.sequences[:, 7:], torch.stack([s.argmax(-1) for s in out.scores], 1))
+    # no repeated bigram anywhere in the rows
+    blocked = model.generate(ids, max_new_tokens=12, no_repeat_ngram_size=2)
+    for row in blocked.tolist():
+        pairs = list(zip(row, row[1:]))
+        assert len(pairs) == len(set(pairs))
+    # eos is suppressed until min_new_tokens
+    first = model.generate(ids[:1], max_new_tokens=1)[0, -1].item()
+    stopped = model.generate(ids[:1], max_new_tokens=5, eos_token_id=first)
+    assert stopped.shape[1] == 8
+    held = model.generate(ids[:1], max_new_tokens=5, eos_token_id=first, min_new_tokens=3)
+    assert held.shape[1] >= 10 and first not in held[0, 7:10].tolist()
+
+
+def test_settings_come_from_the_config_and_generation_config_json(tmp_path):
+    model = _model()
+    ids = token_ids(1, 6)
+    penalised = model.generate(ids, max_new_tokens=8, repetition_penalty=5.0)
+    model.config.repetition_penalty = 5.0
+    model.save_pretrained(tmp_path)
+    loaded = MegaForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=8), penalised)  # was ignored: plain greedy
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "transformers_version": "4"}))
+    loaded = MegaForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.generation_config, GenerationConfig) and loaded.generate(ids).shape[1] == 9
+    loaded.generation_config.pad_token_id = 7  # transformers' idiom
+    assert loaded.generation_config.pad_token_id == 7
+
+
+def test_several_samples_dict_outputs_and_eos_types():
+    model = _model()
+    ids = token_ids(2, 5)
+    samples = model.generate(ids, max_new_tokens=4, do_sample=True, num_return_sequences=3,
+                             generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (6, 9) and torch.equal(samples[:3, :5], ids[:1].expand(3, 5))
+    with pytest.raises(ValueError, match="num_return_sequences=2: more than one needs do_sample=True"):
+        model.generate(ids, max_new_tokens=4, num_return_sequences=2)
+    reference = model.generate(ids, max_new_tokens=6, eos_token_id=[int(ids[0, 0])])
+    for eos in (np.int64(ids[0, 0]), torch.tensor(int(ids[0, 0]))):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=eos), reference)
+
+
+def test_the_models_output_settings_do_not_change_generation():
+    """return_dict=False, output_attentions=True in the config crashed generate (and the static cache)."""
+    reference = _model().generate(token_ids(2, 5), max_new_tokens=5)
+    model = _model(return_dict=False, output_attentions=True, output_hidden_states=True)
+    for options in ({}, {"use_cache": False}, {"cache_implementation": "static"}):
+        assert torch.equal(model.generate(token_ids(2, 5), max_new_tokens=5, **options), reference), options
+
+
+def test_what_is_not_implemented_is_refused_by_name():
+    model = _model()
+    with pytest.raises(ValueError, match=r"generate\(\): \['stopping_criteria'\] not supported here"):
+        model.generate(token_ids(1, 4), max_new_tokens=2, stopping_criteria=[])
+    model.generation_config.num_beams = 3  # e.g. from a config.json
+    with pytest.raises(ValueError, match=r"beam search is not implemented \(num_beams=3\)"):
+        model.generate(token_ids(1, 4), max_new_tokens=2)
