@@ -13,9 +13,9 @@ Each case runs in a fresh worker process (its peak memory is its own, and a cras
 loses that row); the parent prints a table and writes JSON. Per case: seconds/step (median of --steps timed steps
 after --warmup steps, CUDA events), tokens/s, peak GiB (torch.cuda.max_memory_allocated over warm-up and timed
 steps, weights and gradients included), TFLOP/s and MFU on two bases: 6 x parameters x tokens, and the exact
-MEGA count of megatron_mega.training.flops (matrix multiplies, attention over whole chunks, recomputation counted:
-the blocks' with activation checkpointing, the attention's query-key product with selective recomputation).
-MFU is against --peak-tflops (989: the H200's dense bf16 figure).
+MEGA count of megatron_mega.training.flops (matrix multiplies, attention over whole chunks; the model's FLOPs, so
+recomputation is not counted: PaLM's MFU, not a hardware utilisation). MFU is against --peak-tflops (989: the
+H200's dense bf16 figure).
 
     python3 benchmarks/gpu_bench.py                                # the plan below, then the table
     python3 benchmarks/gpu_bench.py --only ours:4x4096:c1024 --steps 10
