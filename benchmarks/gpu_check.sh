@@ -19,6 +19,9 @@
 #
 #   bash benchmarks/gpu_check.sh                 # everything (~7 min on an H200)
 #   PARTS="tests bench" bash benchmarks/gpu_check.sh
+# The parts' limits add up to ~16.5 min, past the device tool's 10 min per command: when parts may hit their
+# limits, run it as two commands, PARTS="estimate tests ema bench" (<= 8 min) then
+# PARTS="profile quickstart resume decode" (<= 8.5 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
