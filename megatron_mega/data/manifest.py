@@ -27,6 +27,7 @@ import numpy as np
 
 from megatron_mega.atomic_io import atomic_write_text
 from megatron_mega.data import indexed_dataset
+from megatron_mega.json_file import load_json_object
 
 FORMAT = "megatron_mega.dataset"
 VERSION = 1
@@ -105,14 +106,7 @@ class Manifest:
             path = os.path.join(path, MANIFEST_NAME)
         if not os.path.exists(path):
             raise ManifestError(f"{path}: no manifest (prepare the dataset first)")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(data, dict):
-            raise ManifestError(f"{path}: not a megatron_mega dataset manifest (a JSON {type(data).__name__}, not an "
-                                f"object)")
+        data = load_json_object(path, ManifestError, "a megatron_mega dataset manifest")
         if data.get("format") != FORMAT:
             raise ManifestError(f"{path}: not a megatron_mega dataset manifest (format {data.get('format')!r})")
         if data.get("version") != VERSION:

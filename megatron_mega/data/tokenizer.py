@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 import sentencepiece as spm
 
 from megatron_mega.atomic_io import atomic_write_text, atomic_write_with
+from megatron_mega.json_file import load_json_object
 
 FORMAT = "megatron_mega.tokenizer"
 VERSION = 1
@@ -192,14 +193,9 @@ class Tokenizer:
 
 
 def _read_info(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            info = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise TokenizerError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise TokenizerError(f"{path}: not a megatron_mega tokenizer description (format {info.get('format')!r})"
-                             if isinstance(info, dict) else f"{path}: not a megatron_mega tokenizer description")
+    info = load_json_object(path, TokenizerError, "a megatron_mega tokenizer description")
+    if info.get("format") != FORMAT:
+        raise TokenizerError(f"{path}: not a megatron_mega tokenizer description (format {info.get('format')!r})")
     if info.get("version") != VERSION:
         raise TokenizerError(f"{path}: tokenizer description version {info.get('version')} is not supported")
     return info

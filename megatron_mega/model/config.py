@@ -283,13 +283,9 @@ class MegaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "MegaConfig":
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        from megatron_mega.json_file import load_json_object
+
+        data = load_json_object(path, ConfigError, "a model config")
         try:
             return cls.from_dict(data, **overrides)
         except ConfigError as err:

@@ -9,10 +9,11 @@ when they ask for something it does not do (beam search, ...).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from megatron_mega.json_file import load_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -61,13 +62,7 @@ class GenerationConfig:
         generation.extra = dict(generation.extra)
         path = os.path.join(directory, GENERATION_CONFIG_NAME)
         if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    data = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{path}: expected a JSON object")
+            data = load_json_object(path, ValueError, "a generation config")
             bookkeeping = ("transformers_version", "_from_model_config")
             generation.update({k: v for k, v in data.items() if k not in bookkeeping})
         return generation

@@ -35,14 +35,14 @@ def tiny():
     return data
 
 
-def write_run(root, tiny: dict, step: int = 3, **state_changes) -> str:
-    """A training checkpoint folder as the trainer writes it under ZeRO 0 on one process (weights: a seeded
-    MegaForCausalLM). `state_changes` override trainer_state.json fields (None deletes one)."""
+def write_run(root, tiny: dict, step: int = 3, model=None, **state_changes) -> str:
+    """A training checkpoint folder as the trainer writes it under ZeRO 0 on one process (weights: `model`, by
+    default a seeded MegaForCausalLM). `state_changes` override trainer_state.json fields (None deletes one)."""
     root = str(root)
     tag = checkpointing.tag_for(step)
     os.makedirs(os.path.join(root, tag))
     torch.manual_seed(11)
-    model = MegaForCausalLM(MegaConfig(**tiny["model"]))
+    model = model if model is not None else MegaForCausalLM(MegaConfig(**tiny["model"]))
     state = {"format_version": checkpointing.FORMAT_VERSION, "step": step, "consumed_samples": 4 * step,
              "config": tiny, "tokenizer_sha256": None, "world_size": 1,
              "layout": {"pipeline_stages": 1, "zero_stage": 0, "data_parallel_size": 1}}
@@ -404,23 +404,11 @@ def test_an_encoder_with_a_causal_ema_is_no_causal_lm_unless_asked(tmp_path, tin
     from megatron_mega import MegaForMaskedLM
 
     model_config = {**tiny["model"], "is_decoder": False, "bidirectional": False}
-    config = {**tiny, "objective": "mlm", "model": model_config}
-    run = str(tmp_path / "run")
-    tag = checkpointing.tag_for(3)
-    os.makedirs(os.path.join(run, tag))
     torch.manual_seed(2)
     encoder = MegaForMaskedLM(MegaConfig(**model_config))
     with torch.no_grad():
         encoder.mlm_head.bias.normal_()
-    state = {"format_version": checkpointing.FORMAT_VERSION, "step": 3, "consumed_samples": 12, "config": config,
-             "tokenizer_sha256": None, "world_size": 1,
-             "layout": {"pipeline_stages": 1, "zero_stage": 0, "data_parallel_size": 1}}
-    torch.save({"module": {"lm." + k: v for k, v in encoder.state_dict().items()}, **state},
-               os.path.join(run, tag, "mp_rank_00_model_states.pt"))
-    with open(os.path.join(run, tag, checkpointing.STATE_FILE), "w") as fh:
-        json.dump(state, fh)
-    with open(os.path.join(run, checkpointing.LATEST), "w") as fh:
-        fh.write(tag + "\n")
+    run = write_run(tmp_path / "run", tiny, model=encoder, config={**tiny, "objective": "mlm", "model": model_config})
     refused(capsys, run, tmp_path / "causal", "attention is not causal (is_decoder false)", head="causal-lm")
     assert convert(run, tmp_path / "causal", head="causal-lm", bidirectional_to_causal=True) == 0
     causal = MegaForCausalLM.from_pretrained(tmp_path / "causal")
