@@ -10,7 +10,7 @@ recurrence and attention over the current chunk only.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -38,6 +38,13 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
 
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+UNSET = _Unset()  # an argument not given (None given explicitly is applied, as in transformers)
 
 # MegaConfig generation fields transformers would apply and this generate() does not: a warning when set
 _IGNORED_SETTINGS = {"num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "length_penalty": 1.0,
@@ -76,17 +83,16 @@ def _eos_ids(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return torch.as_tensor(value).reshape(-1).to(device=device, dtype=dtype)
 
 
-def _new_token_budget(prompt_length: int, max_new_tokens: Optional[int], max_length: Optional[int],
-                      generation: GenerationConfig) -> int:
-    """transformers' rules: max_new_tokens wins; else max_length counts the prompt; with neither given and the
-    generation config's max_length at its default (20), 20 new tokens (transformers >= 4.39)."""
+def _new_token_budget(prompt_length: int, max_length: Optional[int], generation: GenerationConfig) -> int:
+    """transformers' rules: max_new_tokens (given, or the generation config's) wins; else max_length (given, or a
+    configured one) counts the prompt; with neither and the generation config's max_length at its default (20),
+    20 new tokens (transformers >= 4.39)."""
+    max_new_tokens = generation.max_new_tokens
     if max_new_tokens is None and max_length is None:
-        max_new_tokens = generation.max_new_tokens
-        if max_new_tokens is None:
-            if generation.max_length == GenerationConfig().max_length:
-                max_new_tokens = generation.max_length
-            else:
-                max_length = generation.max_length
+        if generation.max_length == GenerationConfig().max_length:
+            max_new_tokens = generation.max_length
+        else:
+            max_length = generation.max_length
     if max_new_tokens is not None:
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be greater than 0, got {max_new_tokens}")
@@ -118,15 +124,15 @@ class MegaGenerationMixin:
         attention_mask: Optional[torch.Tensor] = None,
         max_new_tokens: Optional[int] = None,
         max_length: Optional[int] = None,
-        do_sample: Optional[bool] = None,
-        temperature: Optional[float] = None,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
+        do_sample: Any = UNSET,
+        temperature: Any = UNSET,
+        top_k: Any = UNSET,
+        top_p: Any = UNSET,
         use_cache: bool = True,
-        eos_token_id: Optional[Union[int, Iterable[int]]] = None,
-        pad_token_id: Optional[int] = None,
+        eos_token_id: Any = UNSET,
+        pad_token_id: Any = UNSET,
         generator: Optional[torch.Generator] = None,
-        num_beams: Optional[int] = None,
+        num_beams: Any = UNSET,
         cache_implementation: str = "dynamic",
         cuda_graph: bool = False,
         *,
@@ -151,15 +157,25 @@ class MegaGenerationMixin:
             input_ids = inputs
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the prompt)")
-        base = (generation_config or self.generation_config).to_dict()
+        chosen = generation_config or self.generation_config
+        if getattr(chosen, "follows_model_config", False):  # edits to model.config made since still count
+            chosen = GenerationConfig.from_model_config(config)
+        base = chosen.to_dict()
         generation = GenerationConfig(**{k: v for k, v in base.items() if k in GenerationConfig.field_names()})
         unknown = sorted(set(settings) - set(GenerationConfig.field_names()))
         if unknown:
             raise ValueError(f"generate(): {unknown} not supported here (no beam search, logits processors or "
                              f"stopping criteria); supported settings: {sorted(GenerationConfig.field_names())}")
+        # an argument given as None is applied (transformers: eos_token_id=None turns eos off, top_k=None top-k)
         explicit = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams, **settings)
-        generation.update({k: v for k, v in explicit.items() if v is not None})
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams,
+                        max_new_tokens=max_new_tokens, **settings)
+        generation.update({k: v for k, v in explicit.items() if v is not UNSET and not (k == "max_new_tokens"
+                                                                                         and v is None)})
+        do_sample = bool(generation.do_sample)
+        temperature = 1.0 if generation.temperature is None else generation.temperature
+        penalty = 1.0 if generation.repetition_penalty is None else generation.repetition_penalty
+        ngram = generation.no_repeat_ngram_size or 0
         ignored = [name for name, default in _IGNORED_SETTINGS.items() if getattr(config, name, default) != default]
         if ignored:
             logger.warning("generate() does not apply the config's %s", ", ".join(ignored))
@@ -172,24 +188,24 @@ class MegaGenerationMixin:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {input_ids.device}")
         if not config.is_decoder:
             raise ValueError("generate() needs a decoder: is_decoder=True and bidirectional=False")
-        if generation.num_beams != 1:
+        if generation.num_beams not in (None, 1):
             raise ValueError(f"beam search is not implemented (num_beams={generation.num_beams}); use num_beams=1 "
                              f"(greedy or sampling)")
-        if generation.do_sample and generation.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {generation.temperature}")
-        copies = int(generation.num_return_sequences)
-        if copies < 1 or (copies > 1 and not generation.do_sample):
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        copies = int(generation.num_return_sequences or 1)
+        if copies < 1 or (copies > 1 and not do_sample):
             raise ValueError(f"num_return_sequences={copies}: more than one needs do_sample=True (greedy decoding "
                              f"gives the same sequence each time; beam search is not implemented)")
         prompt_length = input_ids.shape[1]
-        new_tokens = _new_token_budget(prompt_length, max_new_tokens, max_length, generation)
-        min_new = generation.min_new_tokens if generation.min_new_tokens is not None else 0
-        min_new = max(min_new, generation.min_length - prompt_length)
+        new_tokens = _new_token_budget(prompt_length, max_length, generation)
+        # transformers: min_new_tokens, when set, replaces min_length (which counts the prompt)
+        min_new = (generation.min_new_tokens if generation.min_new_tokens is not None
+                   else max(0, (generation.min_length or 0) - prompt_length))
         eos = _eos_ids(generation.eos_token_id, input_ids.device, input_ids.dtype)
         pad_token_id = generation.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
-                int(eos[0]) if eos.numel() else 0)
+        if pad_token_id is None:  # transformers pads finished rows with the first eos id then
+            pad_token_id = int(eos[0]) if eos.numel() else (config.pad_token_id or 0)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif bool((attention_mask[:, -1] == 0).any()):
@@ -215,17 +231,19 @@ class MegaGenerationMixin:
                 if cuda_graph and new_tokens - 1 > 3:  # the steps after the prefill's token, past the warm-up
                     graph = CudaGraphStep(self, cache, input_ids.shape[0])
             for step in range(new_tokens):
-                logits = out.logits[:, -1, :].float()
+                # a copy: .float() of float32 logits is the forward's own tensor (a CUDA graph's output buffer,
+                # overwritten by the next replay), and the processors below must not write into it
+                logits = out.logits[:, -1, :].float().clone()
                 if generation.output_logits:
-                    raw.append(logits)
-                if generation.repetition_penalty != 1.0:
-                    logits = _apply_repetition_penalty(logits, sequences, generation.repetition_penalty)
-                if generation.no_repeat_ngram_size > 0:
-                    logits = _ban_repeated_ngrams(logits, sequences, generation.no_repeat_ngram_size)
+                    raw.append(logits.clone())
+                if penalty != 1.0:
+                    logits = _apply_repetition_penalty(logits, sequences, penalty)
+                if ngram > 0:
+                    logits = _ban_repeated_ngrams(logits, sequences, ngram)
                 if step < min_new and eos.numel():
                     logits = logits.index_fill(-1, eos, float("-inf"))
-                if generation.do_sample:
-                    logits = logits / generation.temperature
+                if do_sample:
+                    logits = logits / temperature
                     if generation.top_k and generation.top_k > 0:
                         logits = _top_k_filter(logits, generation.top_k)
                     if generation.top_p is not None and generation.top_p < 1.0:

@@ -1,14 +1,16 @@
 """The defaults `generate()` reads, with transformers' names: `model.generation_config`.
 
-Built from the model's config.json (whose generation fields transformers keeps there too), then overridden by a
-`generation_config.json` beside it when there is one, as transformers' `from_pretrained` does. Arguments given to
-`generate()` override both. Keys this version does not use are kept (`extra`) and refused by `generate()` only
-when they ask for something it does not do (beam search, ...).
+Built from the model's config.json (whose generation fields transformers keeps there too), or, when there is a
+`generation_config.json` beside it, from that file alone (missing keys at their defaults), as transformers'
+`from_pretrained` does. Arguments given to `generate()` override it. `save_pretrained` writes the file when the
+model's generation config was set or edited apart from config.json. Keys this version does not use are kept
+(`extra`); `generate()` refuses what it does not do (beam search, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -46,7 +48,15 @@ class GenerationConfig:
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
-        return cls(**{name: getattr(config, name) for name in cls.field_names() if hasattr(config, name)})
+        generation = cls(**{name: getattr(config, name) for name in cls.field_names() if hasattr(config, name)})
+        generation.origin = generation.to_dict()  # what it was made from: unedited, the config's later values win
+        return generation
+
+    @property
+    def follows_model_config(self) -> bool:
+        """Made from the model's config and not edited since (transformers' `_from_model_config`): generate()
+        then reads the config's current values, and save_pretrained writes no generation_config.json."""
+        return getattr(self, "origin", None) == self.to_dict()
 
     def update(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
@@ -57,17 +67,24 @@ class GenerationConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str, base: Optional["GenerationConfig"] = None) -> "GenerationConfig":
-        """`base` (the model config's defaults) overridden by DIRECTORY/generation_config.json when present."""
-        generation = dataclasses.replace(base) if base is not None else cls()
-        generation.extra = dict(generation.extra)
+        """DIRECTORY/generation_config.json when present (over the defaults, not over `base`); else `base` (the
+        model config's generation fields)."""
         path = os.path.join(directory, GENERATION_CONFIG_NAME)
-        if os.path.exists(path):
-            data = load_json_object(path, ValueError, "a generation config")
-            bookkeeping = ("transformers_version", "_from_model_config")
-            generation.update({k: v for k, v in data.items() if k not in bookkeeping})
+        if not os.path.exists(path):
+            return base if base is not None else cls()
+        generation = cls()
+        data = load_json_object(path, ValueError, "a generation config")
+        bookkeeping = ("transformers_version", "_from_model_config")
+        generation.update({k: v for k, v in data.items() if k not in bookkeeping})
         return generation
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.field_names()}
         out.update(self.extra)
         return out
+
+    def save_pretrained(self, directory: str) -> None:
+        from megatron_mega.atomic_io import atomic_write_text
+
+        atomic_write_text(os.path.join(directory, GENERATION_CONFIG_NAME),
+                          json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -366,6 +366,12 @@ class MegaPreTrainedModel(nn.Module):
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         config = self.config.copy(architectures=[type(self).__name__], dtype=str(dtype).removeprefix("torch."))
         config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
+        generation = self.__dict__.get("_generation_config")  # generative heads, once read or set
+        stale = os.path.join(save_directory, "generation_config.json")
+        if generation is not None and not generation.follows_model_config:
+            generation.save_pretrained(save_directory)  # set apart from config.json: kept beside it
+        elif os.path.exists(stale):
+            os.remove(stale)
 
     # ------------------------------------------------------------------ load
     @classmethod

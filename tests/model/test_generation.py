@@ -106,3 +106,42 @@ def test_what_is_not_implemented_is_refused_by_name():
     model.generation_config.num_beams = 3  # e.g. from a config.json
     with pytest.raises(ValueError, match=r"beam search is not implemented \(num_beams=3\)"):
         model.generate(token_ids(1, 4), max_new_tokens=2)
+
+
+def test_generation_config_json_replaces_and_survives_a_save(tmp_path):
+    """As transformers: generation_config.json alone (not laid over config.json) gives the defaults, an edited
+    generation config is saved beside config.json, and an unedited one writes nothing."""
+    model = _model()
+    model.config.repetition_penalty = 5.0
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "generation_config.json").exists()
+    (tmp_path / "plain" / "generation_config.json").write_text(json.dumps({"max_new_tokens": 4}))
+    loaded = MegaForCausalLM.from_pretrained(tmp_path / "plain")
+    assert loaded.generation_config.repetition_penalty == 1.0 and loaded.generation_config.eos_token_id is None
+    loaded.generation_config.max_new_tokens = 2
+    loaded.save_pretrained(tmp_path / "edited")
+    again = MegaForCausalLM.from_pretrained(tmp_path / "edited")
+    assert again.generate(token_ids(1, 5)).shape[1] == 7
+
+
+def test_length_and_minimum_precedence_and_explicit_none():
+    model = _model()
+    ids = token_ids(1, 6)
+    model.generation_config.max_new_tokens = 4
+    assert model.generate(ids, max_length=12).shape[1] == 10  # max_new_tokens wins over max_length
+    model = _model()
+    first = model.generate(ids, max_new_tokens=1)[0, -1].item()
+    # min_new_tokens replaces min_length: 1 new token, then eos may stop it
+    assert model.generate(ids, max_new_tokens=8, eos_token_id=first, min_length=14, min_new_tokens=1).shape[1] == 8
+    model.generation_config.eos_token_id = first
+    assert model.generate(ids, max_new_tokens=5).shape[1] == 7
+    assert model.generate(ids, max_new_tokens=5, eos_token_id=None).shape[1] == 11  # None given: no eos
+
+
+def test_returned_logits_are_the_raw_ones():
+    """no_repeat_ngram_size wrote -inf into the logits returned as output_logits (the same tensor)."""
+    model = _model()
+    out = model.generate(token_ids(1, 6), max_new_tokens=8, no_repeat_ngram_size=1, return_dict_in_generate=True,
+                         output_logits=True, output_scores=True)
+    assert all(torch.isfinite(l).all() for l in out.logits)
+    assert any(torch.isinf(s).any() for s in out.scores)
