@@ -140,3 +140,16 @@ def test_examples_that_cannot_be_read_are_named_at_once(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": 0}\n{"text": oops}\n')
     with pytest.raises(ExamplesError, match=r"bad.jsonl: not readable as jsonl"):
         load_examples(str(tmp_path / "bad.jsonl"))
+
+
+def test_token_classification_with_string_tags(tmp_path, tokenizer):
+    """Tags named by strings (as conll-style datasets hold them) are numbered, saved as id2label, and trained on."""
+    MEGA_HEADS["masked-lm"](tiny_config(vocab_size=400)).save_pretrained(tmp_path / "base")
+    data = datasets.Dataset.from_dict({"text": [["the", "cat", "sat"], ["a", "dog", "ran"]] * 4,
+                                       "tags": [["O", "B-ANIMAL", "O"], ["O", "B-ANIMAL", "O"]] * 4})
+    settings = FinetuneSettings(task=TOK, epochs=1, batch_size=4, max_length=16, label_key="tags")
+    result = finetune(str(tmp_path / "base"), data, data, settings, tokenizer, output_dir=str(tmp_path / "ner"),
+                      print_fn=lambda *a: None)
+    assert 0.0 <= result.eval_after["accuracy"] <= 1.0
+    tuned = MEGA_HEADS[TOK].from_pretrained(tmp_path / "ner")
+    assert tuned.config.id2label == {0: "B-ANIMAL", 1: "O"} and tuned.config.num_labels == 2
