@@ -15,6 +15,8 @@ def load_json_object(path: str | os.PathLike, error: type[Exception], what: str 
             data = json.load(fh)
     except json.JSONDecodeError as err:
         raise error(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: not {what} (a JSON {type(data).__name__}, not an object)")
     return data

@@ -114,8 +114,8 @@ class MegaGenerationMixin:
         return existing
 
     @generation_config.setter
-    def generation_config(self, value: GenerationConfig) -> None:
-        self.__dict__["_generation_config"] = value
+    def generation_config(self, value: Any) -> None:
+        self.__dict__["_generation_config"] = GenerationConfig.coerce(value)  # transformers' own one too
 
     @torch.no_grad()
     def generate(
@@ -157,11 +157,23 @@ class MegaGenerationMixin:
             input_ids = inputs
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the prompt)")
-        chosen = generation_config or self.generation_config
-        if getattr(chosen, "follows_model_config", False):  # edits to model.config made since still count
-            chosen = GenerationConfig.from_model_config(config)
-        base = chosen.to_dict()
-        generation = GenerationConfig(**{k: v for k, v in base.items() if k in GenerationConfig.field_names()})
+        own = self.generation_config
+        if own.follows_model_config:  # unedited: edits to model.config made since still count
+            own = GenerationConfig.from_model_config(config)
+        if generation_config is None:
+            chosen = own
+        else:  # transformers: a passed config's fields left at their defaults take the model's values
+            chosen = GenerationConfig.coerce(generation_config)
+            default = GenerationConfig()
+            for name in GenerationConfig.field_names():
+                if getattr(chosen, name) == getattr(default, name):
+                    setattr(chosen, name, getattr(own, name))
+        refused = chosen.unsupported()
+        if refused:
+            raise ValueError(f"generate(): the generation config asks for {refused}, which is not implemented here "
+                             f"(no beam search variants, constraints, token suppression or assisted decoding)")
+        fields = GenerationConfig.field_names()
+        generation = GenerationConfig(**{k: v for k, v in chosen.to_dict().items() if k in fields})
         unknown = sorted(set(settings) - set(GenerationConfig.field_names()))
         if unknown:
             raise ValueError(f"generate(): {unknown} not supported here (no beam search, logits processors or "

@@ -9,6 +9,7 @@ model's generation config was set or edited apart from config.json. Keys this ve
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -18,6 +19,25 @@ from typing import Any, Optional
 from megatron_mega.json_file import load_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
+
+# transformers 4.57 GenerationConfig keys this does not implement, at the values that ask for nothing: a key here at
+# this value is ignored, any other value (or an unknown key) is refused by generate() rather than silently dropped
+BOOKKEEPING = ("_from_model_config", "transformers_version")
+HARMLESS_DEFAULTS = {
+    "assistant_confidence_threshold": 0.4,
+    "assistant_early_exit": None, "assistant_lookbehind": 10, "bad_words_ids": None, "begin_suppress_tokens": None,
+    "cache_config": None, "cache_implementation": None, "constraints": None, "decoder_start_token_id": None,
+    "disable_compile": False, "diversity_penalty": 0.0, "dola_layers": None, "early_stopping": False,
+    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "exponential_decay_length_penalty": None, "force_words_ids": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "guidance_scale": None, "is_assistant": False, "length_penalty": 1.0,
+    "low_memory": None, "max_matching_ngram_size": None, "max_time": None, "min_p": None, "num_assistant_tokens": 20,
+    "num_assistant_tokens_schedule": "constant", "num_beam_groups": 1, "output_attentions": False,
+    "output_hidden_states": False, "penalty_alpha": None, "prefill_chunk_size": None,
+    "prompt_lookup_num_tokens": None, "remove_invalid_values": False, "renormalize_logits": False,
+    "return_legacy_cache": None, "sequence_bias": None, "stop_strings": None, "suppress_tokens": None,
+    "target_lookbehind": 10, "token_healing": False, "typical_p": 1.0, "use_cache": True, "watermarking_config": None,
+}
 
 
 @dataclass
@@ -48,9 +68,29 @@ class GenerationConfig:
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
-        generation = cls(**{name: getattr(config, name) for name in cls.field_names() if hasattr(config, name)})
-        generation.origin = generation.to_dict()  # what it was made from: unedited, the config's later values win
+        """The config's generation fields (copies: editing one never edits the config), including those a
+        config.json holds that MegaConfig keeps only as unknown keys (max_new_tokens, ...)."""
+        values = {name: getattr(config, name) for name in cls.field_names() if hasattr(config, name)}
+        values.update({k: v for k, v in getattr(config, "extra", {}).items() if k in cls.field_names()})
+        generation = cls(**copy.deepcopy(values))
+        # what it was made from: while unedited, generate() reads the config's later values instead
+        generation.origin = copy.deepcopy(generation.to_dict())
         return generation
+
+    @classmethod
+    def coerce(cls, value: Any) -> "GenerationConfig":
+        """Ours, or anything with `to_dict()` (transformers' GenerationConfig) or a mapping, as ours (a copy)."""
+        if isinstance(value, cls):
+            return value
+        data = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+        generation = cls()
+        generation.update(copy.deepcopy(data))
+        return generation
+
+    def unsupported(self) -> list[str]:
+        """Keys asking for what generate() does not implement (beam groups, suppressed tokens, ...)."""
+        return sorted(k for k, v in self.extra.items()
+                      if k not in BOOKKEEPING and (k not in HARMLESS_DEFAULTS or v != HARMLESS_DEFAULTS[k]))
 
     @property
     def follows_model_config(self) -> bool:
@@ -74,8 +114,7 @@ class GenerationConfig:
             return base if base is not None else cls()
         generation = cls()
         data = load_json_object(path, ValueError, "a generation config")
-        bookkeeping = ("transformers_version", "_from_model_config")
-        generation.update({k: v for k, v in data.items() if k not in bookkeeping})
+        generation.update({k: v for k, v in data.items() if k not in BOOKKEEPING})
         return generation
 
     def to_dict(self) -> dict[str, Any]:

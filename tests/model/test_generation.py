@@ -74,8 +74,14 @@ def test_settings_come_from_the_config_and_generation_config_json(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 3, "transformers_version": "4"}))
     loaded = MegaForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded.generation_config, GenerationConfig) and loaded.generate(ids).shape[1] == 9
-    loaded.generation_config.pad_token_id = 7  # transformers' idiom
-    assert loaded.generation_config.pad_token_id == 7
+    # transformers' idiom: finished rows are padded with the id set there
+    first = loaded.generate(ids, max_new_tokens=1)[0, -1].item()
+    loaded.generation_config.eos_token_id = first
+    loaded.generation_config.pad_token_id = 7
+    other = next(p for p in (token_ids(1, 6, seed=k) for k in range(1, 20))
+                 if loaded.generate(p, max_new_tokens=1)[0, -1].item() != first)
+    rows = loaded.generate(torch.cat([ids, other]), max_new_tokens=4)
+    assert rows.shape[1] > 7 and set(rows[0, 7:].tolist()) == {7}
 
 
 def test_several_samples_dict_outputs_and_eos_types():
@@ -145,3 +151,44 @@ def test_returned_logits_are_the_raw_ones():
                          output_logits=True, output_scores=True)
     assert all(torch.isfinite(l).all() for l in out.logits)
     assert any(torch.isinf(s).any() for s in out.scores)
+
+
+def test_an_unedited_generation_config_follows_config_edits_and_shares_nothing_with_it():
+    model = _model()
+    ids = token_ids(1, 6)
+    plain = model.generate(ids, max_new_tokens=8)
+    model.config.repetition_penalty = 5.0  # after the generation config was made
+    penalised = model.generate(ids, max_new_tokens=8)
+    assert not torch.equal(plain, penalised)
+    assert torch.equal(penalised, _model().generate(ids, max_new_tokens=8, repetition_penalty=5.0))
+    model = _model(eos_token_id=[2, 5])
+    model.generation_config.eos_token_id.append(7)
+    assert model.config.eos_token_id == [2, 5]
+
+
+def test_a_passed_generation_config_takes_the_models_values_for_its_defaults(tmp_path):
+    model = _model()
+    ids = token_ids(1, 6)
+    first = model.generate(ids, max_new_tokens=1)[0, -1].item()
+    model.generation_config.eos_token_id = first
+    passed = GenerationConfig(max_new_tokens=6)  # eos left at its default: the model's applies, as transformers
+    assert model.generate(ids, generation_config=passed).shape[1] == 7
+    fresh = _model()  # a passed config is used as given where it is not at a default (here max_length)
+    assert torch.equal(fresh.generate(ids, generation_config={"max_length": 9}), fresh.generate(ids, max_length=9))
+    model.generation_config = {"max_new_tokens": 2}  # a mapping (or transformers' GenerationConfig) is converted
+    model.save_pretrained(tmp_path)
+    assert MegaForCausalLM.from_pretrained(tmp_path).generate(ids).shape[1] == 8
+
+
+def test_unsupported_generation_settings_from_files_are_refused_and_bad_files_named(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"suppress_tokens": [90], "num_beam_groups": 1}))
+    loaded = MegaForCausalLM.from_pretrained(tmp_path)  # num_beam_groups at its default is harmless
+    with pytest.raises(ValueError, match=r"generation config asks for \['suppress_tokens'\], which is not"):
+        loaded.generate(token_ids(1, 4), max_new_tokens=2)
+    (tmp_path / "generation_config.json").write_bytes(b'{"max_new_tokens": \xff}')
+    from megatron_mega.model.pretrained import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"generation_config.json: not UTF-8 text \(byte 0xff"):
+        MegaForCausalLM.from_pretrained(tmp_path)
