@@ -103,10 +103,22 @@ def _new_token_budget(prompt_length: int, max_length: Optional[int], generation:
     return int(max_length) - prompt_length
 
 
+# transformers' "generation parameters" of a model config (PretrainedConfig._get_global_generation_defaults); token
+# ids are not among them
+_CONFIG_GENERATION_PARAMETERS = ("max_length", "min_length", "do_sample", "num_beams",
+                                 "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size",
+                                 "num_return_sequences", "output_scores", "return_dict_in_generate")
+
+
+def _edited_generation_parameters(config, generation: GenerationConfig) -> bool:
+    return any(getattr(config, name, None) != generation.origin.get(name) for name in _CONFIG_GENERATION_PARAMETERS)
+
+
 class MegaGenerationMixin:
     @property
     def generation_config(self) -> GenerationConfig:
-        """The defaults of generate(): the config's generation fields, then generation_config.json's."""
+        """The defaults of generate(): made from the config's generation fields when the model is built (a
+        snapshot, as in transformers), or read from a generation_config.json by from_pretrained."""
         existing = self.__dict__.get("_generation_config")
         if existing is None:
             existing = GenerationConfig.from_model_config(self.config)
@@ -115,14 +127,16 @@ class MegaGenerationMixin:
 
     @generation_config.setter
     def generation_config(self, value: Any) -> None:
-        self.__dict__["_generation_config"] = GenerationConfig.coerce(value)  # transformers' own one too
+        generation = GenerationConfig.coerce(value)  # ours, transformers' or a mapping, as a copy
+        generation.origin = None  # set apart from this model's config: saved beside it
+        self.__dict__["_generation_config"] = generation
 
     @torch.no_grad()
     def generate(
         self,
         input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        max_new_tokens: Optional[int] = None,
+        max_new_tokens: Any = UNSET,
         max_length: Optional[int] = None,
         do_sample: Any = UNSET,
         temperature: Any = UNSET,
@@ -158,15 +172,18 @@ class MegaGenerationMixin:
         if input_ids is None:
             raise ValueError("generate() needs input_ids (the prompt)")
         own = self.generation_config
-        if own.follows_model_config:  # unedited: edits to model.config made since still count
-            own = GenerationConfig.from_model_config(config)
         if generation_config is None:
+            # transformers' legacy rule: an unedited generation config made from the config follows later edits of
+            # the config's generation parameters (ids alone do not count)
+            if own.follows_model_config and _edited_generation_parameters(config, own):
+                own = GenerationConfig.from_model_config(config)
             chosen = own
-        else:  # transformers: a passed config's fields left at their defaults take the model's values
+        else:  # transformers: a passed config's fields left at their defaults take the model's values (on a copy)
             chosen = GenerationConfig.coerce(generation_config)
             default = GenerationConfig()
             for name in GenerationConfig.field_names():
-                if getattr(chosen, name) == getattr(default, name):
+                value = getattr(chosen, name)
+                if value is None or value == getattr(default, name):
                     setattr(chosen, name, getattr(own, name))
         refused = chosen.unsupported()
         if refused:
@@ -182,10 +199,11 @@ class MegaGenerationMixin:
         explicit = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams,
                         max_new_tokens=max_new_tokens, **settings)
-        generation.update({k: v for k, v in explicit.items() if v is not UNSET and not (k == "max_new_tokens"
-                                                                                         and v is None)})
+        generation.update({k: v for k, v in explicit.items() if v is not UNSET})
         do_sample = bool(generation.do_sample)
         temperature = 1.0 if generation.temperature is None else generation.temperature
+        if do_sample and temperature == 0.0:  # transformers: sampling at temperature 0 is greedy decoding
+            do_sample, temperature = False, 1.0
         penalty = 1.0 if generation.repetition_penalty is None else generation.repetition_penalty
         ngram = generation.no_repeat_ngram_size or 0
         ignored = [name for name, default in _IGNORED_SETTINGS.items() if getattr(config, name, default) != default]

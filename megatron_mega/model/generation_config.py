@@ -55,7 +55,7 @@ class GenerationConfig:
     num_beams: int = 1
     num_return_sequences: int = 1
     output_scores: bool = False
-    output_logits: bool = False
+    output_logits: Optional[bool] = None
     return_dict_in_generate: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None  # an id or a list of ids
@@ -79,12 +79,13 @@ class GenerationConfig:
 
     @classmethod
     def coerce(cls, value: Any) -> "GenerationConfig":
-        """Ours, or anything with `to_dict()` (transformers' GenerationConfig) or a mapping, as ours (a copy)."""
+        """Ours, or anything with `to_dict()` (transformers' GenerationConfig) or a mapping, as ours: a copy, so
+        what generate() fills in never reaches the caller's object."""
         if isinstance(value, cls):
-            return value
+            return copy.deepcopy(value)
         data = value.to_dict() if hasattr(value, "to_dict") else dict(value)
         generation = cls()
-        generation.update(copy.deepcopy(data))
+        generation.update({k: v for k, v in copy.deepcopy(data).items() if k not in BOOKKEEPING})
         return generation
 
     def unsupported(self) -> list[str]:
@@ -94,8 +95,9 @@ class GenerationConfig:
 
     @property
     def follows_model_config(self) -> bool:
-        """Made from the model's config and not edited since (transformers' `_from_model_config`): generate()
-        then reads the config's current values, and save_pretrained writes no generation_config.json."""
+        """Made from the model's config and not edited since (transformers' `_from_model_config`):
+        save_pretrained writes no generation_config.json, and generate() follows later edits of the config's
+        generation parameters (transformers' legacy rule)."""
         return getattr(self, "origin", None) == self.to_dict()
 
     def update(self, values: dict[str, Any]) -> None:

@@ -99,6 +99,7 @@ class MegaForCausalLM(_LMHeadModel, MegaGenerationMixin):
             logger.warning("MegaForCausalLM without is_decoder=True attends to future tokens; "
                            "set is_decoder=True and bidirectional=False for language modelling")
         super().__init__(config)
+        _ = self.generation_config  # made now, from the config as it is (a snapshot, as in transformers)
 
     def forward(
         self,

@@ -417,11 +417,11 @@ class MegaPreTrainedModel(nn.Module):
                                              source=directory,
                                              source_architecture=saved_architectures[0] if saved_architectures
                                              else None)
-        if "generation_config" in dir(type(model)):  # generative heads: generation_config.json overrides config.json
+        if "generation_config" in dir(type(model)):  # generative heads: generation_config.json replaces config.json's
             from megatron_mega.model.generation_config import GenerationConfig
 
-            try:
-                model.generation_config = GenerationConfig.from_pretrained(
+            try:  # not through the setter: a config made from config.json stays "unedited"
+                model.__dict__["_generation_config"] = GenerationConfig.from_pretrained(
                     directory, base=GenerationConfig.from_model_config(config))
             except ValueError as err:
                 raise CheckpointError(str(err)) from None

@@ -192,3 +192,22 @@ def test_unsupported_generation_settings_from_files_are_refused_and_bad_files_na
 
     with pytest.raises(CheckpointError, match=r"generation_config.json: not UTF-8 text \(byte 0xff"):
         MegaForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_passed_config_is_not_changed_and_transformers_nulls_load(tmp_path):
+    """generate() filled the model's values into the caller's generation config; and transformers' save writes
+    null in config.json for the generation settings it moves to generation_config.json."""
+    sampler = _model()
+    sampler.generation_config.do_sample, sampler.generation_config.top_k = True, 3
+    passed = GenerationConfig(max_new_tokens=4)
+    sampler.generate(token_ids(1, 5), generation_config=passed)
+    assert passed.do_sample is False and passed.top_k == 50
+    # temperature 0 with sampling is greedy decoding, as in transformers
+    greedy = _model().generate(token_ids(1, 5), max_new_tokens=4)
+    assert torch.equal(_model().generate(token_ids(1, 5), max_new_tokens=4, do_sample=True, temperature=0.0), greedy)
+    _model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(do_sample=None, top_k=None, temperature=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = MegaForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.do_sample is False and loaded.config.top_k == 50 and loaded.config.temperature == 1.0
