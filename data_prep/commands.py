@@ -68,7 +68,7 @@ def add_prepare_command(commands) -> None:
 
     train = steps.add_parser("tokenizer", help="train a SentencePiece tokenizer on a sample of the corpus")
     _add_input_options(train)
-    train.add_argument("--output", required=True, help="folder for tokenizer.model and tokenizer.json")
+    train.add_argument("--output", required=True, help="folder for tokenizer.model and megatron_mega_tokenizer.json")
     train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     train.add_argument("--vocab-size", type=int, default=32000)
     train.add_argument("--sample-docs", type=int, default=100_000,

@@ -84,7 +84,7 @@ def sentences(documents: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def train(documents: list[str], settings: TrainSettings, extra: Optional[dict] = None) -> Tokenizer:
-    """Train on `documents`; `extra` goes into tokenizer.json's "training" record."""
+    """Train on `documents`; `extra` goes into the tokenizer description's "training" record."""
     if settings.model_type not in ("unigram", "bpe"):
         raise PrepareError(f"model type {settings.model_type!r}: choose unigram or bpe")
     minimum = 5 + (256 if settings.byte_fallback else 0)

@@ -3,14 +3,20 @@
 A tokenizer folder holds
 
     tokenizer.model   the SentencePiece model (its sha256 identifies the tokenizer in dataset manifests)
-    tokenizer.json    {"format": "megatron_mega.tokenizer", "version": 1, "model_file": "tokenizer.model",
+    megatron_mega_tokenizer.json
+                      {"format": "megatron_mega.tokenizer", "version": 1, "model_file": "tokenizer.model",
                        "sha256": ..., "vocab_size": ..., "bos_id": 0, "pad_id": 1, "eos_id": 2, "unk_id": 3,
                        "mask_id": 4, "mask_token": "<mask>", "byte_fallback": true,
                        "training": {"model_type": "unigram", ...}}   # how it was trained (informational)
 
-The special ids live in the model itself; tokenizer.json repeats them so other tools need not parse the protobuf, and
-loading checks the two agree. The mask token is a SentencePiece *control* symbol: encoding text never produces it
-(a document that contains the string "<mask>" stays ordinary text), only an MLM collator inserts it.
+The special ids live in the model itself; the description repeats them so other tools need not parse the protobuf,
+and loading checks the two agree. It is not called tokenizer.json: in a Hugging Face directory (a converted model
+ships its tokenizer) that name is the `tokenizers` library's format, which transformers would try to parse. Folders
+written before have ours under that name, and it is still read when its "format" says so; a Hugging Face
+tokenizer.json beside a tokenizer.model is left alone.
+
+The mask token is a SentencePiece *control* symbol: encoding text never produces it (a document that contains the
+string "<mask>" stays ordinary text), only an MLM collator inserts it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from megatron_mega.json_file import load_json_object
 FORMAT = "megatron_mega.tokenizer"
 VERSION = 1
 MODEL_FILE = "tokenizer.model"
-INFO_FILE = "tokenizer.json"
+INFO_FILE = "megatron_mega_tokenizer.json"
+LEGACY_INFO_FILE = "tokenizer.json"  # the name before 2026-11-29, read when it holds our format
 MASK_TOKEN = "<mask>"
 
 
@@ -57,13 +64,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a tokenizer folder (tokenizer.model [+ tokenizer.json]) or a `.model` file."""
+        """Load a tokenizer folder (tokenizer.model [+ its description]) or a `.model` file."""
         path = os.fspath(path)
         info_path = None
         if os.path.isdir(path):
             model_path = os.path.join(path, MODEL_FILE)
-            info_path = os.path.join(path, INFO_FILE)
-            if os.path.exists(info_path):
+            info_path = _info_path(path)
+            if info_path is not None:
                 info = _read_info(info_path)
                 model_path = os.path.join(path, info.get("model_file", MODEL_FILE))
             else:
@@ -87,7 +94,7 @@ class Tokenizer:
                                      f"(the folder mixes two tokenizers)")
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write tokenizer.model and tokenizer.json into `directory` (atomically, model first)."""
+        """Write tokenizer.model and its description into `directory` (atomically, model first)."""
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
 
@@ -102,7 +109,7 @@ class Tokenizer:
         return directory
 
     def describe(self) -> dict[str, Any]:
-        """The content of tokenizer.json."""
+        """The content of megatron_mega_tokenizer.json."""
         return {"format": FORMAT, "version": VERSION, "model_file": MODEL_FILE, "sha256": self.sha256,
                 "vocab_size": self.vocab_size, "bos_id": self.bos_id, "pad_id": self.pad_id, "eos_id": self.eos_id,
                 "unk_id": self.unk_id, "mask_id": self.mask_id,
@@ -190,6 +197,23 @@ class Tokenizer:
 
     def pieces(self, text: str) -> list[str]:
         return self._sp.encode(text, out_type=str)
+
+
+def _info_path(folder: str) -> Optional[str]:
+    """Our description in `folder`: its current name, or the legacy tokenizer.json when that one is ours (not a
+    Hugging Face `tokenizers` file)."""
+    current = os.path.join(folder, INFO_FILE)
+    if os.path.exists(current):
+        return current
+    legacy = os.path.join(folder, LEGACY_INFO_FILE)
+    if os.path.exists(legacy):
+        try:
+            with open(legacy, encoding="utf-8") as fh:
+                if json.load(fh).get("format") == FORMAT:
+                    return legacy
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            pass
+    return None
 
 
 def _read_info(path: str) -> dict[str, Any]:

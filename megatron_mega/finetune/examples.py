@@ -207,7 +207,8 @@ class Encoder:
     def collate(self, rows: list[tuple[list[int], Any]]) -> dict[str, torch.Tensor]:
         """Right-padded ids with an attention mask (the classification heads read the first token)."""
         length = max(1, max(len(ids) for ids, _ in rows))
-        pad = self.tokenizer.pad_id
+        # a tokenizer without a pad piece (SentencePiece's default) has pad id -1: any id works under the mask
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else 0
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, (ids, _) in enumerate(rows):

@@ -278,6 +278,12 @@ class Trainer:
         if splits.tokenizer is not None and splits.tokenizer.vocab_size > cfg.model.vocab_size:
             raise TrainConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                                    f"{splits.tokenizer.vocab_size}")
+        if splits.tokenizer is not None:  # the converted config.json must name the tokens the data was made with
+            for ours, theirs in (("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
+                wanted, have = getattr(splits.tokenizer, theirs), getattr(cfg.model, ours)
+                if wanted is not None and wanted >= 0 and isinstance(have, int) and have != wanted:
+                    raise TrainConfigError(f"model.{ours}: {have}, but the data's tokenizer has {theirs} {wanted}; "
+                                           f"set model.{ours}={wanted}")
         return splits
 
     def _verify_checksums(self, data) -> None:

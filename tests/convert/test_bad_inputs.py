@@ -449,3 +449,13 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, pydoc_dataset
     line = [l for l in done.stderr.splitlines() if l.startswith("megatron-mega: training stopped: ")]
     assert line and f"rank 0 could not write its part of checkpoint {blocker}/ck/step00000001" in line[0], \
         done.stderr
+
+
+def test_special_ids_that_disagree_with_the_datas_tokenizer_are_refused(tmp_path, pydoc_dataset):
+    """Only the vocabulary size was checked: a config whose pad/bos/eos ids were not the tokenizer's trained and
+    converted into a config.json naming the wrong tokens (and fine-tuning then padded with the wrong id)."""
+    done = train_command(pydoc_dataset, f"checkpoint.dir={tmp_path / 'ck'}", "optim.train_steps=1",
+                         "model.pad_token_id=5")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert ("megatron-mega: error: model.pad_token_id: 5, but the data's tokenizer has pad_id 1; set "
+            "model.pad_token_id=1") in done.stderr, done.stderr

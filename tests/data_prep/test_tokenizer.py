@@ -20,7 +20,7 @@ def test_special_ids_and_description(tokenizer_dir):
     assert tok.special_ids == {"bos_id": 0, "pad_id": 1, "eos_id": 2, "unk_id": 3, "mask_id": 4}
     assert [tok.id_to_piece(i) for i in range(5)] == ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     assert tok.vocab_size == 2000 and tok.byte_fallback
-    info = json.load(open(f"{tokenizer_dir}/tokenizer.json"))
+    info = json.load(open(f"{tokenizer_dir}/megatron_mega_tokenizer.json"))
     assert info["sha256"] == hashlib.sha256(open(f"{tokenizer_dir}/tokenizer.model", "rb").read()).hexdigest()
     assert info["sha256"] == tok.sha256 and info["vocab_size"] == 2000 and info["mask_id"] == 4
     assert Tokenizer.load(f"{tokenizer_dir}/tokenizer.model").sha256 == tok.sha256  # a bare .model file loads too
@@ -72,9 +72,9 @@ def test_save_pickle_and_mismatched_description(tmp_path, tokenizer_dir):
     assert copy.sha256 == tok.sha256 and copy.encode("hello world") == tok.encode("hello world")
     tok.save(tmp_path / "copy")
     assert Tokenizer.load(tmp_path / "copy").sha256 == tok.sha256
-    info = json.load(open(tmp_path / "copy" / "tokenizer.json"))
+    info = json.load(open(tmp_path / "copy" / "megatron_mega_tokenizer.json"))
     info["eos_id"] = 7
-    (tmp_path / "copy" / "tokenizer.json").write_text(json.dumps(info))
+    (tmp_path / "copy" / "megatron_mega_tokenizer.json").write_text(json.dumps(info))
     with pytest.raises(TokenizerError, match="eos_id"):
         Tokenizer.load(tmp_path / "copy")
     with pytest.raises(TokenizerError, match="no tokenizer model"):
@@ -103,3 +103,22 @@ def test_cli_trains_and_refuses_to_replace_a_different_tokenizer(tmp_path, corpu
     assert main(args[:-1] + ["31"]) == 2
     assert "a different tokenizer is already there" in capsys.readouterr().err
     assert main(args[:-1] + ["31", "--overwrite"]) == 0
+
+
+def test_the_description_does_not_take_hugging_faces_tokenizer_json(tmp_path, tokenizer_dir):
+    """Ours was named tokenizer.json, which transformers parses as a `tokenizers` file in a converted model's
+    folder (KeyError: 'added_tokens'); a real Hugging Face tokenizer.json made our loader refuse the folder. Folders
+    written before still load: a tokenizer.json in our format is read."""
+    tok = Tokenizer.load(tokenizer_dir)
+    tok.save(tmp_path / "new")
+    assert not (tmp_path / "new" / "tokenizer.json").exists()
+    (tmp_path / "new" / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": {}}))
+    assert Tokenizer.load(tmp_path / "new").sha256 == tok.sha256  # a Hugging Face file beside it is left alone
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.model").write_bytes((tmp_path / "new" / "tokenizer.model").read_bytes())
+    info = json.load(open(tmp_path / "new" / "megatron_mega_tokenizer.json"))
+    info["eos_id"] = 9
+    (old / "tokenizer.json").write_text(json.dumps(info))  # the legacy name, our format: read and checked
+    with pytest.raises(TokenizerError, match="eos_id"):
+        Tokenizer.load(old)
