@@ -1,7 +1,10 @@
 """Which pipeline stage holds which layers: pure functions of the config, usable in a dry run.
 
-The embedding is always on the first stage; the LM head and the last stage's copy of the tied embedding are always
-on the last stage, together (the loss needs both). The MEGA blocks are split between them:
+The embedding is always on the first stage, with at least one MEGA block: a stage of the embedding alone would have
+no parameter of the no-weight-decay group, and DeepSpeed reduces gradient norms group by group across the stages, so
+every stage needs both groups (one with a single group crashed the lr schedule under ZeRO-0 and hung ZeRO-1). The LM
+head and the last stage's copy of the tied embedding are always on the last stage, together (the loss needs both).
+The MEGA blocks are split between them:
 - "type:MegaBlockPipe" (default): the same number of blocks per stage (earlier stages take the remainder);
 - "parameters": contiguous stages whose parameter counts (embedding and tied copy included) are as even as possible.
 """
@@ -75,20 +78,23 @@ def stage_partition(config: MegaConfig, layout: PipelineLayout, num_stages: int,
     if method not in PARTITION_METHODS:
         raise ValueError(f"partition_method: {method!r} is not one of {PARTITION_METHODS}")
     units = layout.num_blocks + 2  # embedding, blocks, tail (head + tied copy)
-    if num_stages > units:
+    if num_stages > layout.num_blocks + 1:
         raise ValueError(f"num_stages={num_stages}: a model with {layout.num_blocks} MEGA blocks fills at most "
-                         f"{units} pipeline stages (embedding, one block per stage, head)")
+                         f"{layout.num_blocks + 1} pipeline stages (the embedding with the first block, one block per "
+                         f"stage, the head)")
     if num_stages == 1:
         return [0, layout.num_layers]
     if method == "parameters":
-        unit_bounds = _balanced(unit_parameter_counts(config, layout), num_stages)
+        counts = unit_parameter_counts(config, layout)
+        merged = _balanced([counts[0] + counts[1]] + counts[2:], num_stages)  # the embedding with block 0
+        unit_bounds = [0] + [1 + b for b in merged[1:]]
     elif layout.num_blocks >= num_stages or num_stages == 2:
         blocks = _uniform(layout.num_blocks, num_stages)
         unit_bounds = [0] + [1 + b for b in blocks[1:-1]] + [units]
     else:
-        # fewer blocks than stages: the embedding and the head get stages of their own, the blocks share the rest
-        blocks = _uniform(layout.num_blocks, num_stages - 2)
-        unit_bounds = [0, 1] + [1 + b for b in blocks[1:-1]] + [1 + layout.num_blocks, units]
+        # one block fewer than stages: a block per stage (the first with the embedding), the head on its own
+        blocks = _uniform(layout.num_blocks, num_stages - 1)
+        unit_bounds = [0] + [1 + b for b in blocks[1:]] + [units]
     return [b if b < units else layout.num_layers for b in unit_bounds]
 
 

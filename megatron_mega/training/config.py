@@ -126,7 +126,7 @@ class ParallelConfig:
                f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         _check(self.pipeline_stages == 1 or self.zero_stage <= 1,
                f"parallel.zero_stage: ZeRO-{self.zero_stage} cannot be combined with pipeline parallelism "
-               f"(parallel.pipeline_stages={self.pipeline_stages}); DeepSpeed supports ZeRO-0/1 with pipelines")
+               f"(parallel.pipeline_stages={self.pipeline_stages}); use ZeRO-1 with pipelines")
         for name in ("activation_checkpointing", "selective_recompute", "compile_blocks", "cpu_shm_allreduce"):
             _check(isinstance(getattr(self, name), bool), f"parallel.{name}: expected true or false")
         # ZeRO-3 gathers each submodule's parameters in hooks that then run inside the compiled block: torch.compile
@@ -242,9 +242,14 @@ class TrainConfig:
         _check(self.optim.global_batch_size % self.optim.micro_batch_size == 0,
                f"optim.global_batch_size: {self.optim.global_batch_size} is not a multiple of "
                f"optim.micro_batch_size {self.optim.micro_batch_size}")
-        _check(self.parallel.pipeline_stages <= self.model.num_hidden_layers + 2,
+        _check(self.parallel.pipeline_stages <= self.model.num_hidden_layers + 1,
                f"parallel.pipeline_stages: {self.parallel.pipeline_stages} stages for "
-               f"{self.model.num_hidden_layers} layers")
+               f"{self.model.num_hidden_layers} layers (at most one stage per layer, plus one for the head)")
+        # DeepSpeed's ZeRO-0 pipeline optimizers go wrong where ZeRO-1 is right: fp32 clips by stage 0's gradient
+        # norm alone (and reports none), bf16 clears the gradients of what only the loss uses (the LM head's bias)
+        _check(self.parallel.pipeline_stages == 1 or self.parallel.zero_stage == 1,
+               "parallel.zero_stage: pipeline stages need ZeRO-1 here (parallel.zero_stage=1): with ZeRO-0 "
+               "DeepSpeed clips by stage 0's gradients only (fp32) or drops the LM head bias's gradient (bf16)")
         if self.optim.train_steps == 0:
             # the one meaning of 0 steps: build the model (seeded or checkpoint.init_from_hf), save it as the
             # checkpoint of step 0, stop; without a checkpoint folder that would do nothing

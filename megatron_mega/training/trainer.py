@@ -226,13 +226,15 @@ def group_weight_decays(weight_decay: float) -> tuple[float, float]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on biases, norms' scales, EMA coefficients of rank < 2)."""
+    """Weight decay on matrices only (not on biases, norms' scales, EMA coefficients of rank < 2). A group with
+    no parameter is left out: a pipeline stage holding only the embedding has no no-decay parameter, and DeepSpeed
+    drops an empty group, which then disagreed with the lr schedule's group count (a crash at the first step)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": params, "weight_decay": wd}
-            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay))]
+            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay)) if params]
 
 
 class Trainer:
@@ -345,8 +347,9 @@ class Trainer:
         import deepspeed
 
         cfg = self.config
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        self._group_decays = [group["weight_decay"] for group in groups]  # in DeepSpeed's order, for a repair
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = WarmupDecay(optimizer, cfg.optim)
         ds_config = build_ds_config(cfg, self.context.world_size)
         if universal:
@@ -733,7 +736,7 @@ class Trainer:
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
         optim = self.config.optim
-        wanted = group_weight_decays(optim.weight_decay)
+        wanted = getattr(self, "_group_decays", group_weight_decays(optim.weight_decay))
         if len(optimizer.param_groups) != len(wanted):
             return
         for group, decay in zip(optimizer.param_groups, wanted):

@@ -48,6 +48,8 @@ def test_overrides_and_round_trip():
     (["optim.train_steps=-1"], "optim.train_steps: must be a positive integer"),
     (["parallel.selective_recompute=2"], "parallel.selective_recompute: expected true or false"),
     (["logging.eval_interval=2", "logging.eval_iters=0"], "logging.eval_iters: must be >= 1 when"),
+    # DeepSpeed's ZeRO-0 pipeline: clipping by stage 0's norm only (fp32), the head bias's gradient cleared (bf16)
+    (["parallel.pipeline_stages=2", "parallel.zero_stage=0"], r"pipeline stages need ZeRO-1 here"),
     (["logging.peak_tflops=-1"], "logging.peak_tflops: must be > 0 or null"),
     (["precision.initial_loss_scale_power=abc"], "precision.initial_loss_scale_power: must be an integer"),
 ])
@@ -242,3 +244,15 @@ def test_each_process_gets_its_own_gpu(monkeypatch):
     assert gpu_for(3, 1) == 0 and os.environ["LOCAL_RANK"] == "0"
     with pytest.raises(RuntimeError, match="local rank 9 on a node where this process sees 8 GPUs"):
         gpu_for(9, 8)
+
+
+def test_no_empty_parameter_group():
+    """A pipeline stage holding only the embedding has no parameter without weight decay: an empty group, which
+    DeepSpeed drops, made the lr schedule's group count disagree (ValueError in zip at the first step)."""
+    from torch import nn
+
+    from megatron_mega.training.trainer import param_groups
+
+    groups = param_groups(nn.Embedding(10, 4), weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1] and len(groups[0]["params"]) == 1
+    assert [g["weight_decay"] for g in param_groups(nn.Linear(4, 4), 0.1)] == [0.1, 0.0]

@@ -27,8 +27,9 @@ def pipe2(tiny_dict, tmp_path_factory):
         job(tiny_dict, checkpoint__dir=str(out / "cut"), logging__eval_interval=3, **pipe),           # 3 resumed
         job(tiny_dict, parallel__activation_checkpointing=True, **pipe),                              # 4
         job(tiny_dict, checkpoint__dir=str(out / "relayout"), checkpoint__exit_at_step=3, **pipe),    # 5
-        # 6, 7: an inf loss on the last stage at step 2 (0-based 1), ZeRO-0 and ZeRO-1: the step is not applied
-        job(tiny_dict, "pipe_inf", {"inf_at": [1]}, **{**pipe, "parallel__zero_stage": 0}),
+        # 6, 7: an inf loss on the last stage at step 2 (0-based 1), with and without activation checkpointing:
+        # the step is not applied (ZeRO-0 pipelines are refused: DeepSpeed's ZeRO-0 pipeline clipping is wrong)
+        job(tiny_dict, "pipe_inf", {"inf_at": [1]}, parallel__activation_checkpointing=True, **pipe),
         job(tiny_dict, "pipe_inf", {"inf_at": [1]}, **pipe),
         # 8: two in a row stop the run (K=2)
         job(tiny_dict, "pipe_inf", {"inf_at": [2, 3]}, optim__max_nonfinite_in_a_row=2, **pipe),
@@ -85,7 +86,7 @@ def test_pipeline_nonfinite_loss_skips_the_step_before_it_is_applied(pipe2):
         assert values[0] == pytest.approx(losses(pipe2[1])[0], rel=1e-5, abs=1e-5 if index != 10 else 0.05)
         assert any("iteration 2: non-finite loss or gradients on some rank; optimizer step skipped" in l
                    for l in result["lines"]), index
-    # ZeRO-0 (the guard skips torch's AdamW itself) and ZeRO-1 (DeepSpeed's optimizer) continue alike
+    # recomputed or not, the skipped step leaves the same run behind
     assert losses(pipe2[6])[2:] == pytest.approx(losses(pipe2[7])[2:], rel=1e-5, abs=1e-5)
     assert "2 non-finite loss or gradients in a row at iteration 4" in pipe2[8]["aborted"]
 
