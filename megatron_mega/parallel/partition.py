@@ -30,8 +30,9 @@ def _uniform(items: int, parts: int) -> list[int]:
 
 
 def _balanced(weights: list[int], parts: int) -> list[int]:
-    """Boundaries of `parts` non-empty contiguous groups minimising the largest group's weight (ties: the smallest
-    spread between the largest and smallest group, then the earliest boundaries). Exact dynamic programme."""
+    """Boundaries of `parts` non-empty contiguous groups minimising the largest group's weight (exact dynamic
+    programme). Among equal maxima a smaller spread between the largest and smallest group is preferred state by
+    state, which is not always the smallest spread overall (8 of 3000 random cases were 2 units off)."""
     n = len(weights)
     prefix = [0]
     for w in weights:
