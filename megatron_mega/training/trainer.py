@@ -368,12 +368,30 @@ class Trainer:
             from deepspeed.utils import groups
 
             groups.mpu = None
+        # DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 with ZeRO-0) runs one AdamW step on zero gradients while it
+        # is built: with the lr at 0 it moves nothing, and its step count is undone below (it made the first real
+        # step a second one: Adam's bias correction off by one, every early update ~0.74x the lr)
+        rates = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        self._undo_initial_step(optimizer)
         if self.pipeline:
             self.dp_rank = engine.grid.get_data_parallel_rank()
         self.guard = FiniteStepGuard(engine, self._all_max)
         return engine
+
+    @staticmethod
+    def _undo_initial_step(optimizer: torch.optim.Optimizer) -> None:
+        """Reset the step count an optimizer wrapper's initialisation step left (zero gradients: the moments are
+        still zero), so that training's first step is Adam's first."""
+        for state in optimizer.state.values():
+            step = state.get("step")
+            if step is not None:
+                state["step"] = torch.zeros_like(step) if torch.is_tensor(step) else 0
 
     # ---- one step ------------------------------------------------------------------------------------------------
 

@@ -193,9 +193,12 @@ def test_a_resume_says_when_the_lr_schedule_changed(single):
 
 
 def test_bf16(single):
+    """bf16 with ZeRO-0 (DeepSpeed's FP16_UnfusedOptimizer) follows fp32 closely. Its initialisation used to run
+    one AdamW step on zero gradients, which made every later step's bias correction off by one (the first update
+    0.74x the lr): 5e-3 off fp32 by step 4, against 1e-4 now."""
     fp32 = losses(single[0][1])
     bf16 = losses(single[0][3])
-    assert bf16 == pytest.approx(fp32, abs=0.05) and bf16 != fp32
+    assert bf16 == pytest.approx(fp32, abs=1e-3)
 
 
 # ---- two processes -------------------------------------------------------------------------------------------------
