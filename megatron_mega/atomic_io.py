@@ -64,8 +64,9 @@ def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary folder beside `path` to fill; on success it replaces `path` (an existing one is removed
-    first), on error it is removed. A reader sees the old folder or the new one, never a half-written one."""
+    """Yield a temporary folder beside `path` to fill (".NAME.xxxxxxxx.partial"); on success it replaces `path` (an
+    existing one is removed first), on error it is removed. A reader sees the old folder or the new one, never a
+    half-written one."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -78,3 +79,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_partial_directories(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary folders `atomic_directory(path)` left when its process was killed (SIGKILL runs no
+    cleanup); the paths removed. Only while no other process is writing `path`."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        return []
+    pattern = re.compile(rf"^\.{re.escape(os.path.basename(path))}\.[a-z0-9_]{{8}}\.partial$")
+    removed = [os.path.join(parent, name) for name in sorted(os.listdir(parent)) if pattern.match(name)]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed

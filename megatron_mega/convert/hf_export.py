@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
-from megatron_mega.atomic_io import atomic_write_text, is_within
+from megatron_mega.atomic_io import atomic_directory, atomic_write_text, is_within, remove_partial_directories
 from megatron_mega.model.config import MegaConfig
 from megatron_mega.model.heads import MEGA_HEADS
 
@@ -77,15 +74,6 @@ def _write_readme(directory: str, architecture: str, dtype: str, config: MegaCon
     atomic_write_text(os.path.join(directory, "README.md"), "\n".join(lines))
 
 
-def _remove_partial(parent: str, output_dir: str) -> list[str]:
-    """The temporary folders earlier exports to `output_dir` left when killed (SIGKILL runs no cleanup)."""
-    pattern = re.compile(rf"^\.{re.escape(os.path.basename(output_dir))}\.[a-z0-9_]{{8}}\.partial$")
-    removed = [os.path.join(parent, name) for name in sorted(os.listdir(parent)) if pattern.match(name)]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
 def _remove_empty(directories: list[str]) -> None:
     for directory in directories:  # deepest first
         try:
@@ -136,48 +124,47 @@ def export_hf(
     while not os.path.exists(missing):
         made.append(missing)
         missing = os.path.dirname(missing)
-    os.makedirs(parent, exist_ok=True)
     try:
-        removed_partial = _remove_partial(parent, output_dir)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", suffix=".partial", dir=parent)
+        removed_partial = remove_partial_directories(output_dir)
+        with atomic_directory(output_dir) as tmp:
+            report, error = _write_and_check(source, tmp, cls, config, head, dtype, tokenizer, metadata,
+                                             max_shard_size, output_dir)
     except BaseException:
-        _remove_empty(made)
-        raise
-    try:
-        target = cls(config)
-        report = target.load_checkpoint_state(source.state_dict(), source=type(source).__name__,
-                                              source_architecture=type(source).__name__)
-        target.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        _write_readme(tmp, cls.__name__, dtype, config, dict(metadata or {}))
-
-        # self-check: the written directory, loaded as the requested head, reproduces the source's hidden states
-        reloaded = cls.from_pretrained(tmp).float().eval()
-        ids = _check_batch(config)
-        was_training = source.training
-        source.eval()
-        try:
-            expected = _hidden_states(source, ids)
-        finally:
-            source.train(was_training)
-        got = _hidden_states(reloaded, ids)
-        error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
-        if not error <= SELF_CHECK_RTOL[dtype]:
-            raise ExportError(f"self-check failed: the written {cls.__name__} differs from the source by "
-                              f"{error:.3g} (relative, limit {SELF_CHECK_RTOL[dtype]:g} for {dtype}); "
-                              f"nothing was written to {output_dir}")
-        with open(os.path.join(tmp, "conversion.json"), "w", encoding="utf-8") as fh:
-            json.dump({"head": head, "architecture": cls.__name__, "dtype": dtype, "self_check_relative_error": error,
-                       "newly_initialised": report.missing_keys, "unused": report.unexpected_keys,
-                       **{k: v for k, v in (metadata or {}).items() if isinstance(v, (int, float, str))}},
-                      fh, indent=2)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
     return ExportReport(output_dir, head, cls.__name__, dtype, error, report.missing_keys, report.unexpected_keys,
                         removed_partial)
+
+
+def _write_and_check(source: nn.Module, tmp: str, cls, config: MegaConfig, head: str, dtype: str, tokenizer,
+                     metadata: Optional[dict[str, Any]], max_shard_size: int | str, output_dir: str):
+    """Write the directory into `tmp` and prove it: (loading report, relative self-check error)."""
+    target = cls(config)
+    report = target.load_checkpoint_state(source.state_dict(), source=type(source).__name__,
+                                          source_architecture=type(source).__name__)
+    target.to(DTYPES[dtype]).save_pretrained(tmp, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    _write_readme(tmp, cls.__name__, dtype, config, dict(metadata or {}))
+
+    # self-check: the written directory, loaded as the requested head, reproduces the source's hidden states
+    reloaded = cls.from_pretrained(tmp).float().eval()
+    ids = _check_batch(config)
+    was_training = source.training
+    source.eval()
+    try:
+        expected = _hidden_states(source, ids)
+    finally:
+        source.train(was_training)
+    got = _hidden_states(reloaded, ids)
+    error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    if not error <= SELF_CHECK_RTOL[dtype]:
+        raise ExportError(f"self-check failed: the written {cls.__name__} differs from the source by "
+                          f"{error:.3g} (relative, limit {SELF_CHECK_RTOL[dtype]:g} for {dtype}); "
+                          f"nothing was written to {output_dir}")
+    with open(os.path.join(tmp, "conversion.json"), "w", encoding="utf-8") as fh:
+        json.dump({"head": head, "architecture": cls.__name__, "dtype": dtype, "self_check_relative_error": error,
+                   "newly_initialised": report.missing_keys, "unused": report.unexpected_keys,
+                   **{k: v for k, v in (metadata or {}).items() if isinstance(v, (int, float, str))}},
+                  fh, indent=2)
+    return report, error
