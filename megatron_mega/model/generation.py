@@ -10,13 +10,14 @@ recurrence and attention over the current chunk only.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional, Union
 
 import torch
 
 from megatron_mega.model.cache import MegaStaticCache, static_cache_size
 from megatron_mega.model.decode_graph import CudaGraphStep
-from megatron_mega.model.generation_config import GenerationConfig
+from megatron_mega.model.generation_config import GENERATION_CONFIG_NAME, HARMLESS_DEFAULTS, GenerationConfig
 from megatron_mega.model.outputs import GenerateDecoderOnlyOutput
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,12 @@ class _Unset:
 
 UNSET = _Unset()  # an argument not given (None given explicitly is applied, as in transformers)
 
-# MegaConfig generation fields transformers would apply and this generate() does not: a warning when set
-_IGNORED_SETTINGS = {"num_beam_groups": 1, "diversity_penalty": 0.0, "typical_p": 1.0, "length_penalty": 1.0,
-                     "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-                     "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
-                     "suppress_tokens": None, "begin_suppress_tokens": None, "remove_invalid_values": False}
+# MegaConfig generation fields transformers would apply and this generate() does not: a warning when one is away
+# from its default (HARMLESS_DEFAULTS)
+_IGNORED_SETTINGS = ("num_beam_groups", "diversity_penalty", "typical_p", "length_penalty", "bad_words_ids",
+                     "forced_bos_token_id", "forced_eos_token_id", "encoder_no_repeat_ngram_size",
+                     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+                     "remove_invalid_values")
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -131,6 +133,21 @@ class MegaGenerationMixin:
         generation.origin = None  # set apart from this model's config: saved beside it
         self.__dict__["_generation_config"] = generation
 
+    def _read_generation_config(self, directory: str) -> None:
+        """from_pretrained: a generation_config.json beside config.json replaces the config's generation fields
+        (not through the setter: one made from config.json stays "unedited")."""
+        self.__dict__["_generation_config"] = GenerationConfig.from_pretrained(
+            directory, base=GenerationConfig.from_model_config(self.config))
+
+    def _write_generation_config(self, directory: str) -> None:
+        """save_pretrained: the generation config when it was set or edited apart from config.json; else no file
+        (and none left from an earlier save)."""
+        generation = self.generation_config
+        if not generation.follows_model_config:
+            generation.save_pretrained(directory)
+        elif os.path.exists(os.path.join(directory, GENERATION_CONFIG_NAME)):
+            os.remove(os.path.join(directory, GENERATION_CONFIG_NAME))
+
     @torch.no_grad()
     def generate(
         self,
@@ -191,10 +208,10 @@ class MegaGenerationMixin:
                              f"(no beam search variants, constraints, token suppression or assisted decoding)")
         fields = GenerationConfig.field_names()
         generation = GenerationConfig(**{k: v for k, v in chosen.to_dict().items() if k in fields})
-        unknown = sorted(set(settings) - set(GenerationConfig.field_names()))
+        unknown = sorted(set(settings) - set(fields))
         if unknown:
             raise ValueError(f"generate(): {unknown} not supported here (no beam search, logits processors or "
-                             f"stopping criteria); supported settings: {sorted(GenerationConfig.field_names())}")
+                             f"stopping criteria); supported settings: {sorted(fields)}")
         # an argument given as None is applied (transformers: eos_token_id=None turns eos off, top_k=None top-k)
         explicit = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams,
@@ -206,7 +223,8 @@ class MegaGenerationMixin:
             do_sample, temperature = False, 1.0
         penalty = 1.0 if generation.repetition_penalty is None else generation.repetition_penalty
         ngram = generation.no_repeat_ngram_size or 0
-        ignored = [name for name, default in _IGNORED_SETTINGS.items() if getattr(config, name, default) != default]
+        ignored = [name for name in _IGNORED_SETTINGS
+                   if getattr(config, name, HARMLESS_DEFAULTS[name]) != HARMLESS_DEFAULTS[name]]
         if ignored:
             logger.warning("generate() does not apply the config's %s", ", ".join(ignored))
         if cache_implementation not in ("dynamic", "static"):

@@ -114,10 +114,7 @@ class GenerationConfig:
         path = os.path.join(directory, GENERATION_CONFIG_NAME)
         if not os.path.exists(path):
             return base if base is not None else cls()
-        generation = cls()
-        data = load_json_object(path, ValueError, "a generation config")
-        generation.update({k: v for k, v in data.items() if k not in BOOKKEEPING})
-        return generation
+        return cls.coerce(load_json_object(path, ValueError, "a generation config"))
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.field_names()}

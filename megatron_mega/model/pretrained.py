@@ -366,12 +366,8 @@ class MegaPreTrainedModel(nn.Module):
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         config = self.config.copy(architectures=[type(self).__name__], dtype=str(dtype).removeprefix("torch."))
         config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
-        generation = self.__dict__.get("_generation_config")  # generative heads, once read or set
-        stale = os.path.join(save_directory, "generation_config.json")
-        if generation is not None and not generation.follows_model_config:
-            generation.save_pretrained(save_directory)  # set apart from config.json: kept beside it
-        elif os.path.exists(stale):
-            os.remove(stale)
+        if hasattr(self, "_write_generation_config"):  # generative heads (model/generation.py)
+            self._write_generation_config(save_directory)
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -417,12 +413,9 @@ class MegaPreTrainedModel(nn.Module):
                                              source=directory,
                                              source_architecture=saved_architectures[0] if saved_architectures
                                              else None)
-        if "generation_config" in dir(type(model)):  # generative heads: generation_config.json replaces config.json's
-            from megatron_mega.model.generation_config import GenerationConfig
-
-            try:  # not through the setter: a config made from config.json stays "unedited"
-                model.__dict__["_generation_config"] = GenerationConfig.from_pretrained(
-                    directory, base=GenerationConfig.from_model_config(config))
+        if hasattr(model, "_read_generation_config"):  # generative heads (model/generation.py)
+            try:
+                model._read_generation_config(directory)
             except ValueError as err:
                 raise CheckpointError(str(err)) from None
         if target_dtype is not None:
