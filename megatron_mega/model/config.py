@@ -268,8 +268,9 @@ class MegaConfig:
             raise ConfigError(f"model_type: expected 'mega', got {model_type!r}")
         known = set(cls.field_names()) | {"num_labels"}
         # transformers writes null for generation settings it moved to generation_config.json: their defaults here
-        kwargs = {k: v for k, v in data.items() if k in known
-                  and not (v is None and k in _scalar_fields() and not _scalar_fields()[k][1])}
+        scalars = _scalar_fields()
+        kwargs = {k: v for k, v in data.items() if k in known and not (v is None and k in scalars
+                                                                        and not scalars[k][1])}
         extra = {k: v for k, v in data.items() if k not in known and k not in _DERIVED_KEYS}
         if "torch_dtype" in extra and kwargs.get("dtype") is None:
             kwargs["dtype"] = extra.pop("torch_dtype")

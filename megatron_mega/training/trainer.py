@@ -754,7 +754,7 @@ class Trainer:
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
         optim = self.config.optim
-        wanted = getattr(self, "_group_decays", group_weight_decays(optim.weight_decay))
+        wanted = self._group_decays  # set by _engine, which built these groups
         if len(optimizer.param_groups) != len(wanted):
             return
         for group, decay in zip(optimizer.param_groups, wanted):
