@@ -86,9 +86,9 @@ def _check_counts(args) -> None:
     """Counts SLURM would take literally (an --array=0--4, a USR1@-5) or divide by: refused before rendering."""
     from launch.slurm import SlurmError
 
+    # (--num-jobs and --workers: render_prepare_scripts checks them)
     positive = [("--nodes", args.nodes)] + [(f"--{n.replace('_', '-')}", getattr(args, n)) for n in
-                                            ("procs_per_node", "cpus_per_task", "num_jobs", "workers")
-                                            if getattr(args, n, None) is not None]
+                                            ("procs_per_node", "cpus_per_task") if getattr(args, n, None) is not None]
     for flag, value in positive:
         if value < 1:
             raise SlurmError(f"{flag} {value}: must be at least 1")
@@ -110,15 +110,15 @@ def _submit(script: str, path: str, args, *sbatch_args: str) -> tuple[str, int]:
 def cmd_slurm_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from launch.local import checked_config
     from launch.slurm import SlurmError, render_train_script
-    from megatron_mega.training.config import TrainConfigError, load_train_config
+    from megatron_mega.training.config import TrainConfigError
 
     try:
         _check_counts(args)
-        config = load_train_config(args.config, args.overrides)
         res = _resources(args, procs_per_node=args.procs_per_node, gpus_per_node=args.gpus_per_node)
-        world = args.nodes * (args.gpus_per_node or args.procs_per_node)
-        config.layout(world)  # the batch arithmetic must work for this world size: fail here, not in the queue
+        # the batch arithmetic must work for this world size: fail here, not in the queue
+        config = checked_config(args.config, args.overrides, args.nodes * (args.gpus_per_node or args.procs_per_node))
         resolved = yaml.safe_dump(config.to_dict(), sort_keys=False)
         script = render_train_script(os.path.abspath(args.config), args.overrides, res, launcher=args.launcher,
                                      signal_before_s=args.signal_before, requeue=not args.no_requeue,

@@ -39,6 +39,16 @@ def train_command(config: str, overrides: Sequence[str] = (), nproc: int = 1, *,
     return cmd + tail
 
 
+def checked_config(config: str, overrides: Sequence[str], world_size: int):
+    """The training config for `world_size` processes, checked once by the launcher before any worker starts
+    (a typo would otherwise be reported by every worker, or after minutes of other work); TrainConfigError."""
+    from megatron_mega.training.config import load_train_config
+
+    loaded = load_train_config(config, list(overrides))
+    loaded.layout(world_size)
+    return loaded
+
+
 def launch_env(base: Optional[dict] = None) -> dict:
     """Environment for CPU workers: one OpenMP thread each (4 processes on 2 cores: 0.7 s instead of 8.4 s)."""
     env = dict(os.environ if base is None else base)
@@ -109,10 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc {args.nproc}: must be at least 1")
-    from megatron_mega.training.config import TrainConfigError, load_train_config
+    from megatron_mega.training.config import TrainConfigError
 
-    try:  # once here, not once per worker after torchrun started them
-        load_train_config(args.config, args.overrides).layout(args.nproc)
+    try:
+        checked_config(args.config, args.overrides, args.nproc)
     except TrainConfigError as err:
         print(f"launch.local: error: {err}", file=sys.stderr)
         return 2

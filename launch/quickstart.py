@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from launch.local import launch_env, run_streaming, train_command
+from launch.local import checked_config, launch_env, run_streaming, train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "train", "demo.yaml")
@@ -112,10 +112,10 @@ def _input_args(args: argparse.Namespace, run_dir: str) -> tuple[list[str], Any]
 
 def _check_overrides(args: argparse.Namespace) -> None:
     """The config and the user's overrides, checked before the corpus and tokenizer phases spend minutes."""
-    from megatron_mega.training.config import TrainConfigError, load_train_config
+    from megatron_mega.training.config import TrainConfigError
 
     try:
-        load_train_config(args.config, list(args.overrides)).layout(args.nproc)
+        checked_config(args.config, args.overrides, args.nproc)
     except TrainConfigError as err:
         print(f"quickstart: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
