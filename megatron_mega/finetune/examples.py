@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterator, Optional
 
 import torch
@@ -78,8 +79,13 @@ class Labels:
         if self.regression:
             return float(value)
         if self.by_value:
-            return self.names.index(value) if value != IGNORE_INDEX else IGNORE_INDEX  # type: ignore[union-attr]
+            return self._ids[value] if value != IGNORE_INDEX else IGNORE_INDEX
         return int(value)
+
+    @cached_property
+    def _ids(self) -> dict:
+        # a token-classification set looks a tag up per word: a dict, not names.index
+        return {name: i for i, name in enumerate(self.names or ())}
 
     def config_overrides(self) -> dict[str, Any]:
         """num_labels, id2label, label2id (and the regression problem type) for the model's config."""
