@@ -48,10 +48,7 @@ def dry_run(config, world_size: int, out=None) -> None:
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="", file=out)
     print(f"# DeepSpeed JSON (world size {world_size})", file=out)
     print(json.dumps(ds, indent=2), file=out)
-    print(f"layout: {layout.world_size} process(es) = {layout.pipeline_stages} pipeline stage(s) x "
-          f"{layout.data_parallel_size} data-parallel; global batch {layout.global_batch_size} = micro "
-          f"{layout.micro_batch_size} x accumulation {layout.grad_accum} x data-parallel "
-          f"{layout.data_parallel_size}", file=out)
+    print(f"layout: {layout.describe()}", file=out)
     print(f"parameters: {total:,} ({total - embedding:,} without the (tied) embedding)", file=out)
     flops = train_flops(config.model, layout.global_batch_size, config.data.seq_len)
     # as on a GPU: selective recomputation replays the attention's query-key product unless the blocks are compiled

@@ -90,6 +90,10 @@ class OptimConfig:
         _check(self.lr > 0, f"optim.lr: must be > 0, got {self.lr!r}")
         _check(self.min_lr <= self.lr, f"optim.min_lr: {self.min_lr} is above optim.lr {self.lr}")
         _check(self.decay in DECAYS, f"optim.decay: {self.decay!r} is not one of {DECAYS}")
+        # decay runs over steps [warmup_steps, decay_steps]: an empty range would hold the peak lr for ever
+        _check(self.decay == "constant" or self.decay_steps is None or self.decay_steps > self.warmup_steps,
+               f"optim.decay_steps: {self.decay_steps} must be above optim.warmup_steps {self.warmup_steps} "
+               f"(the {self.decay} decay runs between them)")
         _check(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
                and all(_is_num(b) and 0 <= b < 1 for b in self.betas),
                f"optim.betas: expected two numbers in [0, 1), got {self.betas!r}")
@@ -202,6 +206,11 @@ class Layout:
     micro_batch_size: int
     grad_accum: int
     global_batch_size: int
+
+    def describe(self) -> str:
+        return (f"{self.world_size} process(es) = {self.pipeline_stages} pipeline stage(s) x "
+                f"{self.data_parallel_size} data-parallel; global batch {self.global_batch_size} = micro "
+                f"{self.micro_batch_size} x accumulation {self.grad_accum} x data-parallel {self.data_parallel_size}")
 
 
 SECTIONS = {"optim": OptimConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,

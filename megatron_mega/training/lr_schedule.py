@@ -40,5 +40,13 @@ class WarmupDecay(torch.optim.lr_scheduler.LambdaLR):
     def load_state_dict(self, state):
         self.last_epoch = state["last_epoch"]
         self._step_count = state["_step_count"]
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+        self.apply_rates()
+
+    def rates(self) -> list[float]:
+        """Each group's rate at the current step: LambdaLR.get_lr without its warning, which is meant for calls
+        from inside step() and fired on every resume."""
+        return [base * factor(self.last_epoch) for base, factor in zip(self.base_lrs, self.lr_lambdas)]
+
+    def apply_rates(self) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.rates()):
             group["lr"] = lr

@@ -41,6 +41,7 @@ from megatron_mega.training.flops import train_flops
 from megatron_mega.training.lr_schedule import WarmupDecay
 from megatron_mega.training.metrics import MetricsWriter, peak_tflops
 from megatron_mega.training.signals import StopRequest
+from megatron_mega.training.weight_decay import param_groups, rule_of_checkpoint
 
 
 class TrainingAborted(RuntimeError):
@@ -95,7 +96,14 @@ class FiniteStepGuard:
         self._fp16 = bool(getattr(engine, "fp16_enabled", lambda: False)())
         self.skipped = 0          # since the last take(): non-finite steps not applied
         self.scale_skipped = 0    # since the last take(): fp16 loss-scale overflows (DeepSpeed's own skips)
-        self.optimizer.step = self.step
+
+        def step(*args, **kwargs):
+            return self.step(*args, **kwargs)
+
+        # the step replaced is the lr scheduler's counting wrapper (fp32 ZeRO-0), which this one still calls: the
+        # mark keeps torch from warning, at every scheduler step, that the optimizer's step was overridden
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        self.optimizer.step = step
 
     def take(self) -> Optional[str]:
         """How the last optimizer step(s) ended: None (applied), "nonfinite" or "loss_scale" (skipped)."""
@@ -163,6 +171,16 @@ class FiniteStepGuard:
         return out
 
 
+def loss_scale(optimizer) -> float:
+    """fp16's current loss scale (1 without one). DeepSpeed's ZeRO optimizers call it `cur_scale`, its
+    FP16_Optimizer and FP16_UnfusedOptimizer (fp16 with ZeRO-0) `loss_scale`."""
+    for name in ("loss_scale", "cur_scale"):
+        value = getattr(optimizer, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return 1.0
+
+
 class TimedIterator:
     """An iterator that adds the time spent waiting for each item to `wait_s`."""
 
@@ -220,29 +238,13 @@ def build_model(config: TrainConfig, init_state: Optional[dict[str, torch.Tensor
     return LMLoss(lm, config.objective)
 
 
-def group_weight_decays(weight_decay: float) -> tuple[float, float]:
-    """The weight decay of each of `param_groups`' groups, in order: the matrices', then the rest's."""
-    return weight_decay, 0.0
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on biases, norms' scales, EMA coefficients of rank < 2). A group with
-    no parameter is left out: a pipeline stage holding only the embedding has no no-decay parameter, and DeepSpeed
-    drops an empty group, which then disagreed with the lr schedule's group count (a crash at the first step)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": params, "weight_decay": wd}
-            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay)) if params]
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, context: DistContext, print_fn=print):
         self.config = config
         self.context = context
         self._print = print_fn
         self.layout = config.layout(context.world_size)
+        self.weight_decay_rule = "weights"  # a resumed run takes its checkpoint's (train())
         self.pipeline = config.parallel.pipeline_stages > 1
         if self.pipeline:
             try:
@@ -347,7 +349,7 @@ class Trainer:
         import deepspeed
 
         cfg = self.config
-        groups = param_groups(model, cfg.optim.weight_decay)
+        groups = param_groups(model, cfg.optim.weight_decay, self.weight_decay_rule)
         self._group_decays = [group["weight_decay"] for group in groups]  # in DeepSpeed's order, for a repair
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = WarmupDecay(optimizer, cfg.optim)
@@ -526,8 +528,12 @@ class Trainer:
                     f"optim.train_steps: 0 writes the initial weights of a fresh run as a step-0 checkpoint, but "
                     f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from "
                     f"(use a new checkpoint.dir or checkpoint.load=null)")
+        self.weight_decay_rule = rule_of_checkpoint(saved)
         if saved is not None:
             self._check_same_architecture(saved, f"{load_dir}/{tag}")
+            if self.weight_decay_rule != "weights":
+                self.log(f"{load_dir}/{tag} predates the weight decay rule of new runs: this run keeps decaying every "
+                         f"tensor of rank >= 2 (EMA and relative-position parameters, qk_weight/qk_bias included)")
             saved_sha = saved.get("tokenizer_sha256")
             if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
                 raise TrainConfigError(f"data.paths: {load_dir}/{tag} was trained on data tokenized with tokenizer "
@@ -546,6 +552,12 @@ class Trainer:
             where = " on stage 0" if self.pipeline else ""  # rank 0 logs; every stage compiles its own blocks
             self.log(f"parallel.compile_blocks: {compile_blocks(model)} MEGA block(s){where} compiled with "
                      f"torch.compile (the first step compiles them)")
+        # what Megatron-LM's first lines say: the layout, the precision and the model's size (on a pipeline, the
+        # first stage's share)
+        own = sum(p.numel() for p in model.parameters())
+        self.log(f"layout: {lay.describe()}; ZeRO-{cfg.parallel.zero_stage}, {cfg.precision.dtype}, sequence "
+                 f"{cfg.data.seq_len} ({lay.global_batch_size * cfg.data.seq_len:,} tokens a step)")
+        self.log(f"parameters: {own:,}" + (" on pipeline stage 0" if self.pipeline else ""))
         engine = self._engine(model, universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
@@ -563,6 +575,9 @@ class Trainer:
             self.log(f"resumed from {load_dir}/{tag} at iteration {step}, consumed samples "
                      f"{state['consumed_samples']} (saved under {state['layout']})")
             self._note_schedule_change(state.get("config", {}).get("optim"), step)
+            if step >= cfg.optim.train_steps > 0:
+                self.log(f"the checkpoint's iteration {step} is optim.train_steps {cfg.optim.train_steps} or more: "
+                         f"nothing to train (raise optim.train_steps to go on)")
         else:
             self._reseed(0)
         loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
@@ -585,6 +600,7 @@ class Trainer:
         # a window is the steps since the last log line; time spent evaluating and saving inside it is left out
         window_start, window_steps, window_paused, rates = time.perf_counter(), 0, 0.0, []
         window_wait, waited, timed = it.wait_s, 0.0, 0.0
+        window_losses: list[float] = []  # the logged loss is the window's mean, as Megatron-LM's and NeoX's
         try:
             while step < cfg.optim.train_steps:
                 lr = engine.get_lr()[0]
@@ -594,6 +610,8 @@ class Trainer:
                 window_steps += 1
                 result.losses[step] = loss
                 result.grad_norms[step] = norm
+                if math.isfinite(loss):  # a skipped step's non-finite loss is counted in `skipped`, not averaged
+                    window_losses.append(loss)
                 if step % cfg.logging.interval == 0 or step == cfg.optim.train_steps:
                     elapsed = time.perf_counter() - window_start - window_paused
                     per_iter = elapsed / window_steps
@@ -603,8 +621,9 @@ class Trainer:
                     rates.append(lay.global_batch_size * seq / per_iter)
                     writer.log_train(step, cfg.optim.train_steps, {
                         "consumed_samples": sampler.consumed_samples,
-                        "consumed_tokens": sampler.consumed_samples * seq, "lr": lr, "loss": loss,
-                        "grad_norm": norm, "loss_scale": float(getattr(engine.optimizer, "cur_scale", 1.0) or 1.0),
+                        "consumed_tokens": sampler.consumed_samples * seq, "lr": lr,
+                        "loss": sum(window_losses) / len(window_losses) if window_losses else loss,
+                        "grad_norm": norm, "loss_scale": loss_scale(engine.optimizer),
                         "skipped": result.skipped_steps, "dropped": result.skipped_micro_batches,
                         "ms_per_iter": 1000 * per_iter, "data_wait_ms": 1000 * wait / window_steps,
                         "data_wait_share": wait / elapsed if elapsed > 0 else 0.0,
@@ -612,6 +631,7 @@ class Trainer:
                         "mfu": None if peak is None else tflops / peak,
                         "hfu": None if peak is None else tflops * hardware_flops_step / flops_step / peak})
                     window_start, window_steps, window_paused, window_wait = time.perf_counter(), 0, 0.0, it.wait_s
+                    window_losses = []
                 if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and splits.valid is not None:
                     paused_at = time.perf_counter()
                     loss_v = self.evaluate(engine, splits.valid, cfg.logging.eval_iters)
@@ -703,10 +723,8 @@ class Trainer:
         """DeepSpeed restores the optimizer's param groups (their saved lr) after the schedule's step count, so a
         resumed run with a changed schedule would take one step at the old rate: set the schedule's rate now (the
         same number when nothing changed)."""
-        scheduler = engine.lr_scheduler
-        if scheduler is not None:
-            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
-                group["lr"] = lr
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.apply_rates()
 
     def _count_skipped(self, skipped: Optional[str], loss: float, norm: Optional[float], iteration: int,
                        result: TrainResult) -> None:
@@ -775,7 +793,8 @@ class Trainer:
     def _save(self, engine, step: int, sampler, tokenizer_sha: Optional[str]) -> str:
         client = {"step": step, "consumed_samples": sampler.consumed_samples, "sampler": sampler.state_dict(),
                   "config": self.config.to_dict(), "tokenizer_sha256": tokenizer_sha,
-                  "world_size": self.context.world_size, "layout": self._layout_dict()}
+                  "world_size": self.context.world_size, "layout": self._layout_dict(),
+                  "weight_decay_rule": self.weight_decay_rule}
         folder = checkpointing.save(engine, self.config.checkpoint.dir, step, client, self.context.rank,
                                     self.config.checkpoint.keep_last)
         self.log(f"saved checkpoint {folder}")

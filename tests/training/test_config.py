@@ -42,6 +42,7 @@ def test_overrides_and_round_trip():
     (["optim.lr_max=1"], "optim.lr_max: unknown field"),
     (["model.hidden_sise=3"], "model.hidden_sise: unknown MegaConfig field"),
     (["optim.decay=step"], "optim.decay"),
+    (["optim.warmup_steps=10", "optim.decay_steps=8"], "optim.decay_steps: 8 must be above optim.warmup_steps 10"),
     (["model.use_chunking=false", "data.seq_len=4096"], "exceeds model.max_positions"),
     (["bogus.x=1"], "bogus: unknown section"),
     (["optim.train_steps=0"], "optim.train_steps: 0 writes the initial weights as a step-0 checkpoint"),
@@ -109,6 +110,38 @@ def test_lr_schedule():
     assert lr_at(110, cos) == pytest.approx(0.1) and lr_at(500, cos) == pytest.approx(0.1)
     lin = OptimConfig(train_steps=110, lr=1.0, min_lr=0.0, warmup_steps=10, decay="linear")
     assert lr_at(35, lin) == pytest.approx(0.75)
+
+
+def test_the_logged_loss_scale_is_the_optimizers():
+    """DeepSpeed's fp16 optimizers for ZeRO-0 name their scale `loss_scale` (a property), its ZeRO ones
+    `cur_scale`: the log read `cur_scale` only and showed 1 for fp16 with ZeRO-0."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from megatron_mega.training.trainer import loss_scale
+
+    assert isinstance(FP16_Optimizer.loss_scale, property) and not hasattr(FP16_Optimizer, "cur_scale")
+    assert isinstance(FP16_UnfusedOptimizer.loss_scale, property)
+    assert isinstance(DeepSpeedZeroOptimizer.cur_scale, property)
+    assert loss_scale(SimpleNamespace(loss_scale=65536.0)) == 65536.0
+    assert loss_scale(SimpleNamespace(cur_scale=1024.0)) == 1024.0
+    assert loss_scale(SimpleNamespace(loss_scale=None)) == 1.0 and loss_scale(object()) == 1.0
+
+
+def test_a_resumed_schedule_sets_the_rates_without_torchs_warning(recwarn):
+    import torch
+
+    from megatron_mega.training.lr_schedule import WarmupDecay
+
+    optim = OptimConfig(train_steps=20, lr=1.0, warmup_steps=4)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+    schedule = WarmupDecay(optimizer, optim)
+    schedule.load_state_dict({"last_epoch": 7, "_step_count": 8})
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(7, optim))
+    assert not [w for w in recwarn if "get_last_lr" in str(w.message)]
 
 
 def test_flop_count_against_a_hand_count():
@@ -251,7 +284,7 @@ def test_no_empty_parameter_group():
     DeepSpeed drops, made the lr schedule's group count disagree (ValueError in zip at the first step)."""
     from torch import nn
 
-    from megatron_mega.training.trainer import param_groups
+    from megatron_mega.training.weight_decay import param_groups
 
     groups = param_groups(nn.Embedding(10, 4), weight_decay=0.1)
     assert [g["weight_decay"] for g in groups] == [0.1] and len(groups[0]["params"]) == 1

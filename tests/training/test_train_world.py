@@ -100,6 +100,11 @@ def single(tiny_dict, tmp_path_factory):
         # 13, 14: 2 steps, then resumed with train_steps 4 (the cosine decay is stretched)
         job(tiny_dict, optim__train_steps=2, checkpoint__dir=str(out / "longer")),
         job(tiny_dict, optim__train_steps=4, checkpoint__dir=str(out / "longer")),
+        # 15, 16: 2 steps as the code before the weight decay rule was recorded trained, then resumed to 3
+        job(tiny_dict, "older_code", optim__train_steps=2, checkpoint__dir=str(out / "older")),
+        job(tiny_dict, optim__train_steps=3, checkpoint__dir=str(out / "older")),
+        # 17: resumed at step 4 with train_steps 4: nothing to train, and it says so
+        job(tiny_dict, optim__train_steps=4, checkpoint__dir=str(out / "longer")),
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -115,6 +120,13 @@ def test_loss_decreases_on_real_text(single):
 def test_metrics_lines_tensorboard_and_evaluation(single):
     (_, result, *_), tb, *_ = single
     line = next(l for l in result["lines"] if l.startswith("iteration 2/4"))
+    assert result["lines"][0].startswith("layout: 1 process(es) = 1 pipeline stage(s) x 1 data-parallel; global "
+                                         "batch 4 = micro 2 x accumulation 2 x data-parallel 1; ZeRO-0, fp32")
+    assert any(l.startswith("parameters: ") for l in result["lines"][:3])
+    # the logged loss is the mean over the steps since the last line (Megatron-LM's), not the last step's
+    logged = float(line.split("| loss ")[1].split()[0])
+    assert logged == pytest.approx((result["losses"]["1"] + result["losses"]["2"]) / 2, abs=6e-5)
+    assert abs(result["losses"]["1"] - result["losses"]["2"]) > 1e-3
     for field in ("consumed samples 8", "consumed tokens 512", "lr ", "loss ", "grad norm ", "loss scale ",
                   "skipped 0", "dropped 0", "ms/iter ", "data wait ", "tokens/s ", "TFLOP/s/device ", "MFU n/a"):
         assert field in line, (field, line)
@@ -190,6 +202,21 @@ def test_a_resume_says_when_the_lr_schedule_changed(single):
     note = next(l for l in results[14]["lines"] if "lr schedule differs" in l)
     assert "(optim.train_steps 2 -> 4): it follows the config, lr at iteration 2 is " in note and ", was " in note
     assert results[14]["resumed_from"] == 2 and results[14]["step"] == 4
+    # the weight decay rule is recorded, so that a later change of the default cannot regroup a resumed run
+    state = json.loads((single[2] / "longer" / "step00000004" / "trainer_state.json").read_text())
+    assert state["weight_decay_rule"] == "weights"
+    assert not any("predates the weight decay rule" in l for l in results[14]["lines"])
+    # a checkpoint without the field resumes with the groups it was saved with (torch's load_state_dict refuses
+    # groups of other sizes), and says so
+    older = results[16]
+    assert older["resumed_from"] == 2 and older["step"] == 3
+    assert any("predates the weight decay rule of new runs: this run keeps decaying every tensor of rank >= 2" in l
+               for l in older["lines"])
+    state = json.loads((single[2] / "older" / "step00000003" / "trainer_state.json").read_text())
+    assert state["weight_decay_rule"] == "rank2"  # and its later checkpoints say so
+    done = results[17]
+    assert done["resumed_from"] == 4 and done["step"] == 4 and not done["losses"]
+    assert any("iteration 4 is optim.train_steps 4 or more: nothing to train" in l for l in done["lines"])
 
 
 def test_bf16(single):

@@ -191,7 +191,31 @@ class FinalStateTrainer(Trainer):
         return result
 
 
-TRAINERS = {"plain": Trainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer,
+class OlderCodeTrainer(Trainer):
+    """Trains as the code did before trainer_state.json recorded the weight decay rule: every tensor of rank >= 2
+    decayed, and checkpoints without the field."""
+
+    def _engine(self, model, universal=False):
+        self.weight_decay_rule = "rank2"
+        return super()._engine(model, universal)
+
+    def _save(self, engine, step, sampler, tokenizer_sha):
+        from megatron_mega.training import checkpointing
+
+        folder = super()._save(engine, step, sampler, tokenizer_sha)
+        if self.context.rank == 0:
+            path = os.path.join(folder, checkpointing.STATE_FILE)
+            with open(path, encoding="utf-8") as fh:
+                state = json.load(fh)
+            state.pop("weight_decay_rule")
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump(state, fh)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return folder
+
+
+TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer,
             "hang": HangTrainer, "slow": SlowTrainer,
             "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
