@@ -238,6 +238,19 @@ def build_model(config: TrainConfig, init_state: Optional[dict[str, torch.Tensor
     return LMLoss(lm, config.objective)
 
 
+def samples_wanted(config: TrainConfig, layout) -> dict[str, int]:
+    """How many samples each split must hold. The training count (part of its index cache's key) does not
+    depend on the data-parallel size or the micro-batch: a run resumed under another layout finds its indices in
+    the cache instead of rebuilding the same arrays, which takes minutes at a billion samples."""
+    per_micro = layout.micro_batch_size * layout.data_parallel_size
+    # room for micro-batches that non-finite losses drop (each is replaced by the next): 4 x the most in a row a
+    # run survives, in global batches, so that no layout needs more
+    slack = 4 * config.optim.max_nonfinite_in_a_row * layout.global_batch_size
+    return {"train": config.optim.train_steps * layout.global_batch_size + slack,
+            "valid": max(1, config.logging.eval_iters) * per_micro + 1,
+            "test": max(1, config.logging.test_iters) * per_micro + 1}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, context: DistContext, print_fn=print):
         self.config = config
@@ -269,11 +282,7 @@ class Trainer:
 
         cfg, lay = self.config, self.layout
         sha = Tokenizer.load(cfg.tokenizer).sha256 if cfg.tokenizer else None
-        per_micro = lay.micro_batch_size * lay.data_parallel_size
-        # room for the micro-batches non-finite losses may drop
-        train = cfg.optim.train_steps * lay.global_batch_size + cfg.optim.max_nonfinite_in_a_row * per_micro * 4
-        wanted = {"train": train, "valid": max(1, cfg.logging.eval_iters) * per_micro + 1,
-                  "test": max(1, cfg.logging.test_iters) * per_micro + 1}
+        wanted = samples_wanted(cfg, lay)
         data = cfg.data
         if data.verify_checksums:  # hashed once across the job here, not by every process inside build_datasets
             self._verify_checksums(data)

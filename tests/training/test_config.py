@@ -144,6 +144,19 @@ def test_a_resumed_schedule_sets_the_rates_without_torchs_warning(recwarn):
     assert not [w for w in recwarn if "get_last_lr" in str(w.message)]
 
 
+def test_the_training_sample_count_does_not_depend_on_the_layout():
+    """It is part of the index cache's key: a resume on another data-parallel size or micro-batch rebuilt the
+    same indices (minutes, and gigabytes of duplicate files, at a billion samples)."""
+    from megatron_mega.training.trainer import samples_wanted
+
+    counts = []
+    for world, micro in ((1, 2), (2, 2), (4, 1)):
+        config = load_train_config(TINY, [f"optim.micro_batch_size={micro}"])
+        counts.append(samples_wanted(config, config.layout(world))["train"])
+    config = load_train_config(TINY)
+    assert counts == [counts[0]] * 3 and counts[0] >= config.optim.train_steps * config.optim.global_batch_size
+
+
 def test_flop_count_against_a_hand_count():
     config = MegaConfig(vocab_size=100, hidden_size=8, num_hidden_layers=2, intermediate_size=16,
                         shared_representation_size=4, ema_projection_size=2, nffn_hidden_size=12, use_chunking=True,
