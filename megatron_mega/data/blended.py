@@ -67,8 +67,16 @@ def load_blending_indices(cache: IndexCache, weights: Sequence[float], size: int
     return cache.load_or_build("blend", description, lambda: build_blending_indices(weights, size))
 
 
+_COUNT_BLOCK = 1 << 22
+
+
 def samples_per_dataset(indices: CachedIndices, num_datasets: int) -> list[int]:
-    return np.bincount(indices.arrays["dataset_index"], minlength=num_datasets).tolist()
+    # block by block: bincount widens its input to int64, 8 bytes a sample at once for the whole blend otherwise
+    dataset_index = indices.arrays["dataset_index"]
+    counts = np.zeros(num_datasets, dtype=np.int64)
+    for start in range(0, len(dataset_index), _COUNT_BLOCK):
+        counts += np.bincount(dataset_index[start:start + _COUNT_BLOCK], minlength=num_datasets)
+    return counts.tolist()
 
 
 class BlendedDataset:

@@ -120,7 +120,7 @@ def _build_split(config: DataConfig, sources: list[DocumentSource], documents: l
     if config.weights is not None:
         weights = config.weights
     else:  # the natural mixture: each dataset in proportion to the tokens its split holds
-        weights = [float(s.document_lengths(r.start, r.stop).sum()) for s, r in zip(sources, documents)]
+        weights = [float(s.token_count(r.start, r.stop)) for s, r in zip(sources, documents)]
         if sum(weights) == 0:
             raise ValueError(f"{split}: the split holds no tokens in any dataset")
     indices = load_blending_indices(cache, weights, wanted)

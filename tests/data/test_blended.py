@@ -63,3 +63,13 @@ def test_default_weights_follow_token_counts(tmp_path):
     tokens = [t.source.document_lengths().sum() for t in train.datasets]
     share = np.bincount(train.dataset_index) / 1000
     assert share == pytest.approx(np.asarray(tokens) / sum(tokens), abs=1e-3)
+
+
+def test_samples_per_dataset_counts_block_by_block(monkeypatch):
+    from megatron_mega.data import blended
+    from megatron_mega.data.index_cache import CachedIndices
+
+    arrays = blended.build_blending_indices([0.5, 0.2, 0.3], 1001)
+    indices = CachedIndices("blend-test", arrays, built=True, directory="")
+    monkeypatch.setattr(blended, "_COUNT_BLOCK", 64)  # 16 blocks, the last one short
+    assert blended.samples_per_dataset(indices, 4) == np.bincount(arrays["dataset_index"], minlength=4).tolist()

@@ -157,3 +157,11 @@ def test_empty_documents_are_refused_and_nothing_is_cached(tmp_path):
     with pytest.raises(DatasetError, match=r"documents 0\.\.3 are empty"):
         GPTDataset(source, range(0, 4), 4, 10, seed=0, cache=IndexCache(str(tmp_path / "cache")))
     assert not [name for name in os.listdir(tmp_path / "cache") if not name.endswith(".lock")]
+
+
+def test_token_counts_sum_across_shards_without_copying_the_lengths(source):
+    """The natural blend weights come from token_count: every document range, shard boundaries included."""
+    lengths = source.document_lengths()
+    n = source.num_documents
+    for start, stop in ((0, n), (0, 1), (3, n - 2), (n // 3, 2 * n // 3 + 1), (5, 5)):
+        assert source.token_count(start, stop) == int(lengths[start:stop].sum())
