@@ -5,6 +5,8 @@ files and `trainer_state.json` (format version, step, consumed samples, resolved
 A checkpoint whose `format_version` is newer than this code's (training.checkpointing.FORMAT_VERSION) is refused;
 one without the field predates versioning and reads as version 1. The weights come from, by layout:
 - pipeline (stages > 1): the per-layer files `layer_XX-model_states.pt`, mapped by megatron_mega.parallel's name map;
+- bf16 with ZeRO-1 (DeepSpeed's BF16_Optimizer, fp32 gradient accumulation): the fp32 weights reassembled from its
+  optimizer partitions, which `zero_to_fp32` does not read;
 - ZeRO 1-3: DeepSpeed's own fp32 reconstruction from the optimizer partitions (`zero_to_fp32`);
 - ZeRO 0: the module state in `mp_rank_00_model_states.pt`.
 The plain path's module is the trainer's LMLoss wrapper, whose names are the HF names behind an `lm.` prefix.
@@ -17,6 +19,7 @@ import io
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -149,6 +152,8 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
     stages = int(layout.get("pipeline_stages", 1))
     if stages > 1:
         weights = _pipeline_weights(tag_dir, config, objective)
+    elif (bf16_weights := _bf16_optimizer_weights(tag_dir)) is not None:
+        weights = bf16_weights
     elif int(layout.get("zero_stage", 0)) > 0:
         weights = _zero_weights(directory, tag)
     else:
@@ -196,6 +201,50 @@ def _zero_weights(directory: str, tag: str) -> dict[str, torch.Tensor]:
     except (FileNotFoundError, ValueError) as err:
         raise TrainingCheckpointError(f"{directory}/{tag}: cannot reconstruct the ZeRO weights ({err})") from None
     return _strip_wrapper(dict(state), f"{directory}/{tag}")
+
+
+_BF16_FILE = re.compile(r"bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def _bf16_optimizer_weights(tag_dir: str) -> Optional[dict[str, torch.Tensor]]:
+    """The fp32 master weights of a checkpoint of DeepSpeed's BF16_Optimizer (bf16, ZeRO-1, fp32 gradient
+    accumulation); None for any other checkpoint. Its files are named as a bf16 ZeRO optimizer's
+    (`bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, one per data-parallel rank), but zero_to_fp32 cannot
+    read them, and the module state holds only the weights' bf16 copies. Each holds the rank's partition of every
+    parameter group as one flat fp32 tensor and, per parameter name, the fragment (start, numel) of it that lies
+    there; a parameter is its fragments in rank order."""
+    found = sorted((int(m.group(1)), name) for name in os.listdir(tag_dir) if (m := _BF16_FILE.match(name)))
+    if not found:
+        return None
+    model_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    try:
+        fragments: dict[str, list[torch.Tensor]] = {}
+        for rank, name in found:
+            optimizer = torch.load(os.path.join(tag_dir, name), map_location="cpu",
+                                   weights_only=False)["optimizer_state_dict"]
+            if rank == found[0][0] and ("zero_stage" in optimizer or "param_slice_mappings" not in optimizer):
+                return None  # DeepSpeedZeroOptimizer's state (bf16 accumulation): zero_to_fp32 reads it
+            for flat, mapping in zip(optimizer["single_partition_of_fp32_groups"],
+                                     optimizer["param_slice_mappings"]):
+                for param, address in mapping.items():
+                    fragments.setdefault(param, []).append(flat.narrow(0, address.start, address.numel))
+        model = torch.load(model_file, map_location="cpu", weights_only=False)
+        shapes = {param: shape for group in model["param_shapes"] for param, shape in group.items()}
+    except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as err:
+        raise TrainingCheckpointError(f"{tag_dir}: cannot read the bf16 optimizer's weights ({_first_line(err)}); "
+                                      f"the checkpoint is damaged or incomplete (convert an earlier step with "
+                                      f"--step)") from None
+    state = {}
+    for name, shape in shapes.items():
+        pieces = fragments.get(name, [])
+        flat = torch.cat(pieces) if pieces else torch.empty(0)
+        if flat.numel() != shape.numel():
+            raise TrainingCheckpointError(f"{tag_dir}: the bf16 optimizer files hold {flat.numel()} values of {name}, "
+                                          f"its shape {list(shape)} has {shape.numel()} (a rank's file missing?)")
+        state[name] = flat.view(shape).clone()
+    for alias, source in (model.get("shared_params") or {}).items():
+        state[alias] = state[source]
+    return _strip_wrapper(state, tag_dir)
 
 
 def _pipeline_weights(tag_dir: str, config: MegaConfig, objective: str) -> dict[str, torch.Tensor]:

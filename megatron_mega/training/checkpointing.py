@@ -3,7 +3,7 @@
     <dir>/step00000040/          DeepSpeed's files (model, optimizer partitions, lr schedule) + client state
     <dir>/step00000040/rng-rank00003.pt   each rank's RNG states (python, numpy, torch; CUDA's on a GPU)
     <dir>/step00000040/trainer_state.json  format_version, step, consumed samples, sampler state, layout, config,
-                                           tokenizer sha256
+                                           tokenizer sha256, weight decay rule, gradient accumulation dtype
     <dir>/latest                 the newest complete tag (the file DeepSpeed's load_checkpoint reads)
     <dir>/step00000040-universal/  made on resume when the layout changed (DeepSpeed's ds_to_universal)
 

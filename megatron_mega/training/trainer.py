@@ -36,7 +36,8 @@ from megatron_mega.model.gated_attention import MegaMovingAverageGatedAttention
 from megatron_mega.training import checkpointing
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 from megatron_mega.training.distributed import DistContext
-from megatron_mega.training.ds_config import build_ds_config
+from megatron_mega.training.ds_config import (build_ds_config, gradient_accumulation_dtype,
+                                               saved_gradient_accumulation_dtype)
 from megatron_mega.training.flops import train_flops
 from megatron_mega.training.lr_schedule import WarmupDecay
 from megatron_mega.training.metrics import MetricsWriter, peak_tflops
@@ -258,6 +259,8 @@ class Trainer:
         self._print = print_fn
         self.layout = config.layout(context.world_size)
         self.weight_decay_rule = "weights"  # a resumed run takes its checkpoint's (train())
+        self._saved_state: Optional[dict[str, Any]] = None  # the trainer state resumed from
+        self._grad_accum_dtype = config.precision.dtype
         self.pipeline = config.parallel.pipeline_stages > 1
         if self.pipeline:
             try:
@@ -362,9 +365,17 @@ class Trainer:
         self._group_decays = [group["weight_decay"] for group in groups]  # in DeepSpeed's order, for a repair
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scheduler = WarmupDecay(optimizer, cfg.optim)
-        ds_config = build_ds_config(cfg, self.context.world_size)
+        ds_config = self._ds_config()
         if universal:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if self._saved_state is not None:
+            # a run keeps the gradient accumulation dtype it started with: bf16 runs from before fp32 was the
+            # default hold DeepSpeedZeroOptimizer's state at ZeRO-1, which BF16_Optimizer cannot load
+            saved = saved_gradient_accumulation_dtype(self._saved_state)
+            if saved != gradient_accumulation_dtype(ds_config):
+                ds_config["data_types"] = {**ds_config.get("data_types", {}), "grad_accum_dtype": saved}
+                self.log(f"the checkpoint's run accumulated gradients in {saved}: this run keeps it")
+        self._grad_accum_dtype = gradient_accumulation_dtype(ds_config)
         if cfg.parallel.zero_stage == 3 and not self.pipeline:
             # lm_loss reads the head's weight outside the head's own forward: ZeRO-3 must gather it for LMLoss
             from deepspeed.runtime.zero import register_external_parameter
@@ -394,6 +405,9 @@ class Trainer:
             self.dp_rank = engine.grid.get_data_parallel_rank()
         self.guard = FiniteStepGuard(engine, self._all_max)
         return engine
+
+    def _ds_config(self) -> dict[str, Any]:
+        return build_ds_config(self.config, self.context.world_size)
 
     @staticmethod
     def _undo_initial_step(optimizer: torch.optim.Optimizer) -> None:
@@ -530,6 +544,7 @@ class Trainer:
         ck = cfg.checkpoint
         load_dir, tag, universal = self._resume_plan()
         saved = checkpointing.read_state(load_dir, tag) if tag is not None else None
+        self._saved_state = saved
         if saved is not None and cfg.optim.train_steps == 0:
             saved_step = saved.get("step")
             if saved_step != 0:
@@ -567,6 +582,9 @@ class Trainer:
         self.log(f"layout: {lay.describe()}; ZeRO-{cfg.parallel.zero_stage}, {cfg.precision.dtype}, sequence "
                  f"{cfg.data.seq_len} ({lay.global_batch_size * cfg.data.seq_len:,} tokens a step)")
         self.log(f"parameters: {own:,}" + (" on pipeline stage 0" if self.pipeline else ""))
+        if cfg.precision.dtype == "bf16" and cfg.parallel.zero_stage == 0:
+            self.log("precision.dtype bf16 with ZeRO-0 accumulates gradients in bf16 (DeepSpeed has no fp32 "
+                     "accumulation without ZeRO); parallel.zero_stage >= 1 accumulates in fp32")
         engine = self._engine(model, universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()
@@ -803,7 +821,7 @@ class Trainer:
         client = {"step": step, "consumed_samples": sampler.consumed_samples, "sampler": sampler.state_dict(),
                   "config": self.config.to_dict(), "tokenizer_sha256": tokenizer_sha,
                   "world_size": self.context.world_size, "layout": self._layout_dict(),
-                  "weight_decay_rule": self.weight_decay_rule}
+                  "weight_decay_rule": self.weight_decay_rule, "grad_accum_dtype": self._grad_accum_dtype}
         folder = checkpointing.save(engine, self.config.checkpoint.dir, step, client, self.context.rank,
                                     self.config.checkpoint.keep_last)
         self.log(f"saved checkpoint {folder}")

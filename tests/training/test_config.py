@@ -103,6 +103,19 @@ def test_ds_config_from_config_and_user_json():
     assert build_ds_config(same, 2)["gradient_clipping"] == 1.0
 
 
+def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can():
+    def accumulation(*overrides):
+        return build_ds_config(load_train_config(TINY, list(overrides)), 2).get("data_types")
+
+    for stage in (1, 2, 3):
+        assert accumulation("precision.dtype=bf16", f"parallel.zero_stage={stage}") == {"grad_accum_dtype": "fp32"}
+    assert accumulation("precision.dtype=bf16", "parallel.zero_stage=0") is None  # DeepSpeed has no such mode
+    assert accumulation("parallel.zero_stage=1") is None and accumulation("precision.dtype=fp16",
+                                                                          "parallel.zero_stage=1") is None
+    assert accumulation("precision.dtype=bf16", "parallel.zero_stage=1",
+                        "deepspeed={data_types: {grad_accum_dtype: bf16}}") == {"grad_accum_dtype": "bf16"}
+
+
 def test_lr_schedule():
     cos = OptimConfig(train_steps=110, lr=1.0, min_lr=0.1, warmup_steps=10, decay="cosine")
     assert [lr_at(s, cos) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

@@ -24,6 +24,9 @@ def job(base: dict, trainer: str = "plain", kwargs: dict | None = None, objectiv
     if objective is not None:
         config["objective"] = objective
     for dotted, value in sections.items():
+        if "__" not in dotted:  # a top-level field (deepspeed)
+            config[dotted] = value
+            continue
         section, key = dotted.split("__")
         config.setdefault(section, {})[key] = value
     return {"config": config, "trainer": trainer, "kwargs": kwargs or {}}
@@ -105,6 +108,19 @@ def single(tiny_dict, tmp_path_factory):
         job(tiny_dict, optim__train_steps=3, checkpoint__dir=str(out / "older")),
         # 17: resumed at step 4 with train_steps 4: nothing to train, and it says so
         job(tiny_dict, optim__train_steps=4, checkpoint__dir=str(out / "longer")),
+        # 18-20: bf16 with ZeRO-1 (DeepSpeed's BF16_Optimizer: fp32 gradient accumulation and master weights): 4
+        # steps; stopped at 2 and resumed; inf/NaN gradients at step 2
+        *[job(tiny_dict, optim__train_steps=4, precision__dtype="bf16", parallel__zero_stage=1,
+              checkpoint__dir=str(out / folder), **more)
+          for folder, more in (("bf16_full", {}), ("bf16_cut", {"checkpoint__exit_at_step": 2}), ("bf16_cut", {}))],
+        job(tiny_dict, "nan_grad", poison, precision__dtype="bf16", parallel__zero_stage=1, optim__train_steps=4),
+        # 22-24: bf16 ZeRO-1 as the code before fp32 accumulation trained it: 4 steps; stopped at 2, then resumed
+        # by today's
+        *[job(tiny_dict, trainer, optim__train_steps=4, precision__dtype="bf16", parallel__zero_stage=1,
+              checkpoint__dir=str(out / folder), **more)
+          for trainer, folder, more in (("older_code", "bf16acc_full", {}),
+                                        ("older_code", "bf16acc_cut", {"checkpoint__exit_at_step": 2}),
+                                        ("plain", "bf16acc_cut", {}))],
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -228,6 +244,29 @@ def test_bf16(single):
     assert bf16 == pytest.approx(fp32, abs=1e-3)
 
 
+def test_bf16_with_zero_1_accumulates_in_fp32_and_resumes_exactly(single):
+    """bf16 with ZeRO-1 runs DeepSpeed's BF16_Optimizer (the config asks for fp32 gradient accumulation): it
+    follows fp32 as closely as ZeRO-0's bf16, resumes bit for bit, and skips a step with inf/NaN gradients."""
+    results = single[0]
+    full, cut, resumed, poisoned = results[18], results[19], results[20], results[21]
+    assert losses(full) == pytest.approx(losses(results[1]), abs=1e-3)
+    assert cut["step"] == 2 and resumed["resumed_from"] == 2
+    assert losses(cut) + [resumed["losses"][str(s)] for s in (3, 4)] == losses(full)
+    assert poisoned["skipped_steps"] == 1
+    assert poisoned["changed"] == {"1": True, str(POISON_STEP + 1): False, "3": True, "4": True}
+    # a checkpoint of DeepSpeed's ZeRO-1 optimizer with bf16 accumulation, saved before the dtype was recorded,
+    # resumes into that optimizer, exactly
+    old_full, old_cut, old_resumed = results[22], results[23], results[24]
+    assert any("the checkpoint's run accumulated gradients in bf16: this run keeps it" in l
+               for l in old_resumed["lines"])
+    state = json.loads((single[2] / "bf16acc_cut" / "step00000004" / "trainer_state.json").read_text())
+    assert state["grad_accum_dtype"] == "bf16" and state["weight_decay_rule"] == "rank2"
+    state = json.loads((single[2] / "bf16_full" / "step00000004" / "trainer_state.json").read_text())
+    assert state["grad_accum_dtype"] == "fp32" and state["weight_decay_rule"] == "weights"
+    assert losses(old_cut) + [old_resumed["losses"][str(s)] for s in (3, 4)] == losses(old_full)
+    assert losses(old_full) != losses(full)
+
+
 # ---- two processes -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -263,6 +302,8 @@ def world2(tiny_dict, tmp_path_factory):
         # 16: a shard whose bytes changed after preparation, with data.verify_checksums on
         {**job(tiny_dict, data__paths=[_corrupted_copy(tiny_dict["data"]["paths"][0], out / "corrupt")],
                data__verify_checksums=True, **steps), "raises": True, "all_ranks": True},
+        # 17: bf16 with ZeRO-1 on 2 ranks (BF16_Optimizer, each rank's file one partition of the fp32 weights)
+        job(tiny_dict, precision__dtype="bf16", parallel__zero_stage=1, checkpoint__dir=str(out / "bf16"), **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -346,6 +387,27 @@ def test_checksum_failure_stops_every_rank(world2):
         raised = json.loads((out / f"job16-rank{rank}.json").read_text())["raised"]
         assert raised.startswith("ManifestError: data.verify_checksums: ")
         assert "shard-00000.bin: sha256 " in raised and "!= manifest" in raised
+
+
+def test_a_bf16_optimizer_checkpoint_converts_with_its_fp32_weights(world2):
+    """DeepSpeed's zero_to_fp32 cannot read BF16_Optimizer's files; the converter reassembles the fp32 master
+    weights from both ranks' partitions: they round to the module's bf16 weights exactly and hold more."""
+    from megatron_mega.convert.training_checkpoint import read_training_checkpoint
+
+    results, out = world2
+    assert results[17]["step"] == 6
+    folder = out / "bf16" / "step00000006"
+    assert sorted(p.name for p in folder.glob("bf16_zero_pp_rank_*")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    weights = read_training_checkpoint(str(out / "bf16"))
+    module = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    names = [k for k in module if k[3:] in weights.state]
+    assert len(names) == len(weights.state)
+    for name in names:
+        assert weights.state[name[3:]].dtype == torch.float32
+        assert torch.equal(weights.state[name[3:]].to(torch.bfloat16), module[name]), name
+    assert any(not torch.equal(weights.state[n[3:]], module[n].float()) for n in names)
+    weights.model()  # and it loads into the training-side model
 
 
 def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):

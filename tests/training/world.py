@@ -192,12 +192,18 @@ class FinalStateTrainer(Trainer):
 
 
 class OlderCodeTrainer(Trainer):
-    """Trains as the code did before trainer_state.json recorded the weight decay rule: every tensor of rank >= 2
-    decayed, and checkpoints without the field."""
+    """Trains as the code did before trainer_state.json recorded the weight decay rule and the gradient
+    accumulation dtype: every tensor of rank >= 2 decayed, gradients accumulated in the model's dtype (bf16: with
+    ZeRO-1 DeepSpeedZeroOptimizer, not BF16_Optimizer), and checkpoints without either field."""
 
     def _engine(self, model, universal=False):
         self.weight_decay_rule = "rank2"
         return super()._engine(model, universal)
+
+    def _ds_config(self):
+        ds = super()._ds_config()
+        ds.pop("data_types", None)
+        return ds
 
     def _save(self, engine, step, sampler, tokenizer_sha):
         from megatron_mega.training import checkpointing
@@ -208,6 +214,7 @@ class OlderCodeTrainer(Trainer):
             with open(path, encoding="utf-8") as fh:
                 state = json.load(fh)
             state.pop("weight_decay_rule")
+            state.pop("grad_accum_dtype")
             with open(path, "w", encoding="utf-8") as fh:
                 json.dump(state, fh)
         if torch.distributed.is_initialized():
@@ -215,8 +222,8 @@ class OlderCodeTrainer(Trainer):
         return folder
 
 
-TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer,
-            "hang": HangTrainer, "slow": SlowTrainer,
+TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "final_state": FinalStateTrainer,
+            "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer, "slow": SlowTrainer,
             "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
 
