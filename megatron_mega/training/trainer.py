@@ -677,6 +677,13 @@ class Trainer:
             result.step, result.consumed_samples = step, sampler.consumed_samples
             if ck.dir and (ck.save_final or result.stopped != "finished"):
                 result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
+            if (result.stopped == "finished" and cfg.logging.eval_interval and splits.valid is not None
+                    and step not in result.eval_losses.get("valid", {})):
+                # the final weights are validated even when eval_interval does not divide train_steps (Megatron-LM
+                # evaluates at the end too)
+                loss_v = self.evaluate(engine, splits.valid, cfg.logging.eval_iters)
+                result.eval_losses.setdefault("valid", {})[step] = loss_v
+                writer.log_eval(step, "valid", loss_v)
             if result.stopped == "finished" and cfg.logging.test_iters and splits.test is not None:
                 loss_t = self.evaluate(engine, splits.test, cfg.logging.test_iters)
                 result.eval_losses.setdefault("test", {})[step] = loss_t

@@ -210,6 +210,8 @@ def test_ms_per_iter_leaves_out_evaluation_and_saving_but_not_steps(single):
     line = next(l for l in single[0][12]["lines"] if l.startswith("iteration 4/4"))
     ms_per_iter = float(line.split("ms/iter ")[1].split()[0])
     assert ms_per_iter >= 200, line  # 2 micro-batches of >= 100 ms each
+    # validated at step 3 (eval_interval) and at the end, although 3 does not divide 4
+    assert set(single[0][12]["eval_losses"]["valid"]) == {"3", "4"}
 
 
 def test_a_resume_says_when_the_lr_schedule_changed(single):
