@@ -167,6 +167,27 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
                            layout=layout, tag_dir=tag_dir)
 
 
+def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
+                                      objective: str) -> tuple[dict[str, torch.Tensor], int]:
+    """(the complete state dict of the training LM, the step it was saved at) for a fresh run that starts from the
+    weights of another run's checkpoint (`checkpoint.init_from_checkpoint`). The architecture and the objective
+    must be the run's; a change of either is one error naming the field."""
+    from megatron_mega.convert.hf_import import ARCHITECTURE_FIELDS
+
+    weights = read_training_checkpoint(directory)
+    if weights.objective != objective:
+        raise TrainingCheckpointError(
+            f"checkpoint.init_from_checkpoint: {weights.tag_dir} trained the {weights.objective} objective, this run "
+            f"the {objective} one (`megatron-mega convert --bidirectional-to-causal` turns an encoder into a "
+            f"Hugging Face decoder that checkpoint.init_from_hf can start from)")
+    different = [f"model.{name}: {getattr(weights.config, name)!r} there, {getattr(model_config, name)!r} here"
+                 for name in ARCHITECTURE_FIELDS if getattr(weights.config, name) != getattr(model_config, name)]
+    if different:
+        raise TrainingCheckpointError(f"checkpoint.init_from_checkpoint: {weights.tag_dir} has another architecture: "
+                                      f"{'; '.join(different)}")
+    return weights.model().state_dict(), weights.step
+
+
 def _strip_wrapper(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     if not state or not all(k.startswith(_WRAPPER_PREFIX) for k in state):
         raise TrainingCheckpointError(f"{where}: module weights are not the trainer's (expected names under "

@@ -166,8 +166,13 @@ class CheckpointConfig:
     universal: bool = False       # the checkpoint to load is a DeepSpeed universal checkpoint
     exit_at_step: Optional[int] = None  # save and stop when this step is reached (ignored when resumed past it)
     init_from_hf: Optional[str] = None  # a Hugging Face-format MEGA directory whose weights start a fresh run
+    # a training checkpoint folder (any layout; its `latest`) whose weights start a fresh run: iteration 0, a new
+    # optimizer, schedule and data order (Megatron-LM's --finetune)
+    init_from_checkpoint: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _check(not (self.init_from_hf and self.init_from_checkpoint),
+               "checkpoint.init_from_checkpoint: give it or checkpoint.init_from_hf, not both")
         _check(_is_int(self.interval) and self.interval >= 0,
                f"checkpoint.interval: must be an integer >= 0, got {self.interval!r}")
         _check(_is_int(self.keep_last) and self.keep_last >= 0,

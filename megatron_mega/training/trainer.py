@@ -568,6 +568,17 @@ class Trainer:
 
             init_state = initial_lm_state(ck.init_from_hf, cfg.model, cfg.objective, cfg.seed)
             self.log(f"starting from the weights of {ck.init_from_hf}")
+        elif tag is None and ck.init_from_checkpoint:
+            from megatron_mega.convert.training_checkpoint import (TrainingCheckpointError,
+                                                                   lm_state_from_training_checkpoint)
+
+            try:
+                init_state, source_step = lm_state_from_training_checkpoint(ck.init_from_checkpoint, cfg.model,
+                                                                            cfg.objective)
+            except TrainingCheckpointError as err:
+                raise TrainConfigError(str(err)) from None
+            self.log(f"starting from the weights of {ck.init_from_checkpoint} (its iteration {source_step}): "
+                     f"iteration 0, a new optimizer, lr schedule and data order")
         model = self._pipeline_module(init_state) if self.pipeline else build_model(cfg, init_state)
         if not cfg.parallel.selective_recompute:
             set_selective_recompute(model, False)

@@ -42,6 +42,7 @@ def test_overrides_and_round_trip():
     (["optim.lr_max=1"], "optim.lr_max: unknown field"),
     (["model.hidden_sise=3"], "model.hidden_sise: unknown MegaConfig field"),
     (["optim.decay=step"], "optim.decay"),
+    (["checkpoint.init_from_hf=a", "checkpoint.init_from_checkpoint=b"], "init_from_checkpoint: give it or"),
     (["optim.warmup_steps=10", "optim.decay_steps=8"], "optim.decay_steps: 8 must be above optim.warmup_steps 10"),
     (["model.use_chunking=false", "data.seq_len=4096"], "exceeds model.max_positions"),
     (["bogus.x=1"], "bogus: unknown section"),

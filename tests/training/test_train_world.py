@@ -121,6 +121,12 @@ def single(tiny_dict, tmp_path_factory):
           for trainer, folder, more in (("older_code", "bf16acc_full", {}),
                                         ("older_code", "bf16acc_cut", {"checkpoint__exit_at_step": 2}),
                                         ("plain", "bf16acc_cut", {}))],
+        # 25: 3 steps; 26: its weights as a step-0 checkpoint of a new run; 27: a new run of 2 steps from them
+        job(tiny_dict, optim__train_steps=3, checkpoint__dir=str(out / "source")),
+        job(tiny_dict, optim__train_steps=0, checkpoint__dir=str(out / "from_source"),
+            checkpoint__init_from_checkpoint=str(out / "source")),
+        job(tiny_dict, optim__train_steps=2, checkpoint__dir=str(out / "continued"),
+            checkpoint__init_from_checkpoint=str(out / "source")),
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -267,6 +273,31 @@ def test_bf16_with_zero_1_accumulates_in_fp32_and_resumes_exactly(single):
     assert state["grad_accum_dtype"] == "fp32" and state["weight_decay_rule"] == "weights"
     assert losses(old_cut) + [old_resumed["losses"][str(s)] for s in (3, 4)] == losses(old_full)
     assert losses(old_full) != losses(full)
+
+
+def test_a_run_starts_from_another_runs_checkpoint(single):
+    """checkpoint.init_from_checkpoint (Megatron-LM's --finetune): the weights of another run's newest checkpoint,
+    iteration 0, a fresh optimizer and schedule."""
+    from megatron_mega.convert.training_checkpoint import (TrainingCheckpointError, lm_state_from_training_checkpoint,
+                                                           read_training_checkpoint)
+
+    results, _, out, _ = single
+    source = read_training_checkpoint(str(out / "source"))
+    started = read_training_checkpoint(str(out / "from_source"))
+    assert source.step == 3 and started.step == 0
+    assert started.state.keys() == source.state.keys()
+    assert all(torch.equal(started.state[k], source.state[k]) for k in source.state)
+    continued = results[27]
+    assert continued["resumed_from"] is None and continued["step"] == 2
+    assert any(f"starting from the weights of {out / 'source'} (its iteration 3): iteration 0" in l
+               for l in continued["lines"])
+    # the first batch is the source run's first batch: its trained weights do better on it than a fresh start
+    assert continued["losses"]["1"] < results[25]["losses"]["1"] - 0.01
+    model = source.config
+    with pytest.raises(TrainingCheckpointError, match="trained the causal objective, this run the mlm one"):
+        lm_state_from_training_checkpoint(str(out / "source"), model, "mlm")
+    with pytest.raises(TrainingCheckpointError, match=r"model.num_hidden_layers: 2 there, 3 here"):
+        lm_state_from_training_checkpoint(str(out / "source"), model.copy(num_hidden_layers=3), "causal")
 
 
 # ---- two processes -------------------------------------------------------------------------------------------------
