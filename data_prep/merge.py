@@ -119,6 +119,32 @@ def merge_parts(output: str, reshard: bool = False, checksums: bool = True) -> M
     return MergeSummary(output, len(parts), merged.documents, merged.tokens, len(shards), problems, reshard)
 
 
+def _one_sequence_documents(dataset: indexed_dataset.IndexedDataset) -> bool:
+    indices = dataset.document_indices
+    return len(indices) == len(dataset) + 1 and bool(np.array_equal(indices, np.arange(len(indices))))
+
+
+def _copy_runs(dataset: indexed_dataset.IndexedDataset, shard_tokens: int, room_for, current) -> int:
+    """Copy the documents of a shard whose documents are single sequences laid back to back, a run of whole
+    documents at a time: each run is what fits in the current output shard by the one-document rule (a document
+    goes to a new shard when it would take the current one past shard_tokens), found by a binary search in the
+    cumulative lengths. Returns the number of oversized documents."""
+    lengths = dataset.sequence_lengths.astype(np.int64)
+    ends = np.cumsum(lengths)
+    position, count = 0, len(lengths)
+    while position < count:
+        room_for(int(lengths[position]))
+        writer, digest = current()
+        before = int(ends[position - 1]) if position else 0
+        stop = int(np.searchsorted(ends, before + shard_tokens - writer.num_tokens, side="right"))
+        stop = max(stop, position + 1)  # an oversized document alone in a fresh shard
+        tokens = dataset.tokens_between(position, stop)
+        writer.add_documents(tokens, lengths[position:stop])
+        digest.update(memoryview(np.ascontiguousarray(tokens)).cast("B"))
+        position = stop
+    return int((lengths > shard_tokens).sum())
+
+
 def _reshard(manifests: list[Manifest], output: str, shard_tokens: int) -> tuple[list[ShardEntry], int]:
     """Rewrite every document, in order, into shards cut exactly as `prepare tokenize` cuts them."""
     dtype = np.dtype(manifests[0].dtype)
@@ -131,19 +157,26 @@ def _reshard(manifests: list[Manifest], output: str, shard_tokens: int) -> tuple
         shards.append(ShardEntry(os.path.basename(writer.prefix), writer.num_documents, writer.num_tokens,
                                  digest.hexdigest(), sha256_file(f"{writer.prefix}.idx")))
 
+    def room_for(length: int) -> None:
+        """A writer with room for a document of `length` tokens (or an empty one, for an oversized document)."""
+        nonlocal writer, digest
+        if writer is not None and writer.num_tokens + length > shard_tokens:
+            close()
+            writer = None
+        if writer is None:
+            writer = indexed_dataset.IndexedDatasetWriter(os.path.join(output, f"shard-{len(shards):05d}"), dtype)
+            digest = hashlib.sha256()
+
     try:
         for manifest in manifests:
             for shard in manifest.shards:
                 dataset = indexed_dataset.IndexedDataset(manifest.shard_prefix(shard))
-                for document in range(dataset.num_documents):
+                if _one_sequence_documents(dataset) and dataset.is_contiguous():
+                    oversized += _copy_runs(dataset, shard_tokens, room_for, lambda: (writer, digest))
+                    continue
+                for document in range(dataset.num_documents):  # Megatron files with several sequences a document
                     tokens = np.concatenate([dataset[i] for i in dataset.document_sequences(document)])
-                    if writer is not None and writer.num_tokens + len(tokens) > shard_tokens:
-                        close()
-                        writer = None
-                    if writer is None:
-                        writer = indexed_dataset.IndexedDatasetWriter(
-                            os.path.join(output, f"shard-{len(shards):05d}"), dtype)
-                        digest = hashlib.sha256()
+                    room_for(len(tokens))
                     oversized += len(tokens) > shard_tokens
                     writer.add_document(tokens)
                     digest.update(memoryview(np.ascontiguousarray(tokens, dtype=dtype)))

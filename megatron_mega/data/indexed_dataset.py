@@ -93,6 +93,18 @@ class IndexedDatasetWriter:
         self._lengths.append(len(array))
         self.num_tokens += len(array)
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Several one-sequence documents at once: `tokens` back to back, `lengths` their token counts."""
+        array = np.ascontiguousarray(tokens, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(array):
+            raise ValueError(f"{self.prefix}: lengths sum to {int(lengths.sum())}, {len(array)} tokens given")
+        self._bin.write(memoryview(array).cast("B"))
+        first = len(self._lengths)
+        self._lengths.extend(lengths.tolist())
+        self._document_indices.extend(range(first + 1, first + len(lengths) + 1))
+        self.num_tokens += len(array)
+
     def end_document(self) -> None:
         self._document_indices.append(len(self._lengths))
 
@@ -217,6 +229,26 @@ class IndexedDataset:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.get(index)
+
+    def tokens_between(self, first: int, stop: int) -> np.ndarray:
+        """The tokens of sequences first..stop-1 in one view, for a file whose sequences lie back to back in
+        order (`is_contiguous`)."""
+        if first >= stop:
+            return np.zeros(0, dtype=self.dtype)
+        start = int(self.sequence_pointers[first])
+        count = int(self.sequence_pointers[stop - 1]) // self.dtype.itemsize + int(self.sequence_lengths[stop - 1]) \
+            - start // self.dtype.itemsize
+        return np.frombuffer(self._data, dtype=self.dtype, count=count, offset=start)
+
+    def is_contiguous(self, block: int = 1 << 22) -> bool:
+        """Whether every sequence starts where the one before it ends (as every writer here lays them out)."""
+        size = self.dtype.itemsize
+        for lo in range(0, len(self) - 1, block):
+            pointers = self.sequence_pointers[lo:lo + block + 1]
+            lengths = self.sequence_lengths[lo:lo + block].astype(np.int64)
+            if not np.array_equal(pointers[1:], pointers[:-1] + lengths[:len(pointers) - 1] * size):
+                return False
+        return len(self) == 0 or int(self.sequence_pointers[0]) == 0
 
     def document_sequences(self, document: int) -> range:
         return range(int(self.document_indices[document]), int(self.document_indices[document + 1]))

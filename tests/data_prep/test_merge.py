@@ -96,3 +96,37 @@ def test_merge_refuses_mixed_settings_and_unfinished_parts(tmp_path, tokenizer_d
         merge_parts(str(tmp_path / "out"))
     with pytest.raises(PrepareError, match="no part-NNNNN-of-KKKKK folders"):
         merge_parts(str(tmp_path / "in"))
+
+
+def test_reshard_copies_runs_of_documents_as_the_one_by_one_rule_cuts(tmp_path, tokenizer_dir, corpus_docs,
+                                                                        monkeypatch):
+    """`merge --reshard` copies whole runs of documents per output shard (a binary search in the cumulative
+    lengths) instead of one document at a time (11.8 us a document: 20 minutes per 100M). With shards smaller than
+    many documents (oversized ones alone in a shard) and empty documents, the result is byte-identical to the
+    single run and to the per-document path that Megatron files with several sequences a document still take."""
+    import data_prep.merge as merge_module
+
+    docs = corpus_docs[:40] + [""] * 3 + corpus_docs[40:60]
+    write_jsonl(tmp_path / "in" / "a.jsonl", docs[:25])
+    write_jsonl(tmp_path / "in" / "b.jsonl", docs[25:])
+    tokenize(tmp_path / "single", tokenizer_dir, [tmp_path / "in"], shard_tokens=700)
+    out = tmp_path / "split"
+    for job in range(2):
+        assert main(["prepare", "tokenize", str(tmp_path / "in"), "--output", str(out), "--tokenizer", tokenizer_dir,
+                     "--shard-tokens", "700", "--num-jobs", "2", "--job-index", str(job), "--workers", "1"]) == 0
+    lengths = [len(d) for d in documents(tmp_path / "single")]
+    assert max(lengths) > 700 and sum(n > 700 for n in lengths) < len(lengths)  # oversized and fitting ones
+
+    def resharded() -> dict[str, bytes]:
+        merge_parts(str(out), reshard=True)
+        files = {"manifest.json": (out / "manifest.json").read_bytes()}
+        for shard in Manifest.load(str(out)).shards:
+            for ext in (".bin", ".idx"):
+                files[shard.prefix + ext] = (out / f"{shard.prefix}{ext}").read_bytes()
+        return files
+
+    fast = resharded()
+    monkeypatch.setattr(merge_module, "_one_sequence_documents", lambda dataset: False)
+    assert resharded() == fast
+    single = {name: (tmp_path / "single" / name).read_bytes() for name in fast}
+    assert fast == single and len(fast) > 7
