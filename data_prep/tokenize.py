@@ -324,21 +324,32 @@ class ShardCutter:
     def skip(self, reason: str, where: str, detail: str, count: int) -> None:
         self.pending.add(reason, where, detail, count)
 
-    def add(self, tokens: np.ndarray, position: tuple[int, int]) -> None:
-        if self.writer is not None and self.writer.num_tokens + len(tokens) > self.shard_tokens:
-            self._close()
-        if self.pending:
-            self.problems.merge(self.pending)
-            self.pending = Problems()
-        if self.writer is None:
-            prefix = os.path.join(self.out, f"shard-{len(self.finished):05d}")
-            self.writer = indexed_dataset.IndexedDatasetWriter(prefix, self.dtype)
-            self.digest = hashlib.sha256()
-        if len(tokens) > self.shard_tokens:
-            self.oversized += 1
-        self.writer.add_document(tokens)
-        self.digest.update(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))
-        self.cursor = position
+    def add_run(self, tokens: np.ndarray, lengths: np.ndarray, positions: list[tuple[int, int]]) -> None:
+        """Documents with no skipped record between them: `tokens` back to back, `lengths` theirs, `positions`
+        their (source, record). Cut by the one-document rule (a document that would take the shard past
+        shard_tokens starts the next one; an oversized document sits alone), a shard's share at a time: one
+        binary search, one write and one hash update per share instead of per document."""
+        ends = np.cumsum(lengths)
+        start, count = 0, len(lengths)
+        while start < count:
+            before = int(ends[start - 1]) if start else 0
+            if self.writer is not None and self.writer.num_tokens + int(lengths[start]) > self.shard_tokens:
+                self._close()
+            if self.pending:  # records skipped before this document count in the shard that holds it
+                self.problems.merge(self.pending)
+                self.pending = Problems()
+            if self.writer is None:
+                prefix = os.path.join(self.out, f"shard-{len(self.finished):05d}")
+                self.writer = indexed_dataset.IndexedDatasetWriter(prefix, self.dtype)
+                self.digest = hashlib.sha256()
+            room = before + self.shard_tokens - self.writer.num_tokens
+            stop = max(start + 1, int(np.searchsorted(ends, room, side="right")))
+            share = np.ascontiguousarray(tokens[before:int(ends[stop - 1])], dtype=self.dtype)
+            self.writer.add_documents(share, lengths[start:stop])
+            self.digest.update(memoryview(share).cast("B"))
+            self.oversized += int((lengths[start:stop] > self.shard_tokens).sum())
+            self.cursor = positions[stop - 1]
+            start = stop
 
     def _close(self) -> None:
         writer, self.writer = self.writer, None
@@ -402,17 +413,25 @@ def _write(results: Iterator, sources: list, cutter: ShardCutter, strict: bool, 
     for outcomes, lengths, tokens in results:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        document = 0
+        document, first, positions = 0, 0, []  # the run of documents since the last skipped record
+
+        def flush() -> None:
+            if positions:
+                cutter.add_run(tokens[offsets[first]:offsets[document]], lengths[first:document], positions)
+
         for source, number, reason, detail, count in outcomes:
             if reason is not None:
                 where = sources[source].location(number)
                 if strict:
                     raise PrepareError(f"{where}: {REASONS.get(reason, reason)}: {detail} "
                                        f"(--strict; without it such records are skipped and counted)")
+                flush()
+                first, positions = document, []
                 cutter.skip(reason, where, detail, count)
                 continue
-            cutter.add(tokens[offsets[document]:offsets[document + 1]], (source, number))
+            positions.append((source, number))
             document += 1
+        flush()
         cutter.new_documents += len(lengths)
         cutter.new_tokens += int(offsets[-1])
         bar.update(len(lengths))
