@@ -56,6 +56,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 raise ExportError(f"{tokenizer_path}: tokenizer sha256 {tokenizer.sha256[:12]}… is not the one the run "
                                   f"trained with ({weights.tokenizer_sha256[:12]}…)")
         source = weights.model()
+        weights.state = {}  # the model holds the weights now: one copy fewer at the export's peak
         if head == "causal-lm" and (weights.config.bidirectional or not weights.config.is_decoder):
             if not args.bidirectional_to_causal:
                 what = ("EMA is bidirectional" if weights.config.bidirectional else
