@@ -25,6 +25,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -154,25 +155,58 @@ def read_state(directory: str, tag: str) -> dict[str, Any]:
     return state
 
 
+UNIVERSAL_WORKERS = 4  # ds_to_universal's extract and merge processes (at most the CPUs there are)
+_POLL_S = 2.0
+UNIVERSAL_WAIT_S = 6 * 3600  # the other ranks' patience: a rank 0 that died without a note fails the job then
+
+
 def convert_to_universal(directory: str, tag: str, rank: int) -> str:
     """DeepSpeed's universal checkpoint of `tag` (made once, by rank 0, beside it); returns its tag. Needed to
-    resume with another data-parallel size or pipeline stage count: the optimizer partitions are re-cut on load."""
+    resume with another data-parallel size or pipeline stage count: the optimizer partitions are re-cut on load.
+
+    The conversion takes minutes for a large model, longer than the collective timeout (parallel.timeout_s) the
+    other ranks would wait in a barrier: they wait for its folder (or rank 0's failure note) on the file system
+    instead, which every rank shares, and meet rank 0 in a barrier only once it is there."""
     target = tag + UNIVERSAL_SUFFIX
     out = os.path.join(directory, target)
-    if rank == 0 and not os.path.exists(os.path.join(out, "zero")):
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   os.path.join(directory, tag), "--output_folder", tmp, "--inject_missing_state",
-                   "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"converting {directory}/{tag} to a universal checkpoint failed:\n"
-                               f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
-        shutil.copy(os.path.join(directory, tag, STATE_FILE), os.path.join(tmp, STATE_FILE))
-        os.replace(tmp, out)
+    failed = out + ".failed"
+    if rank == 0 and os.path.exists(failed):
+        os.remove(failed)  # an earlier attempt's: removed before the others start looking for one
+    dist.barrier()
+    if rank == 0:
+        if not os.path.exists(os.path.join(out, "zero")):
+            try:
+                _run_ds_to_universal(directory, tag, out)
+            except BaseException as err:
+                atomic_write_text(failed, f"{err}\n")
+                raise
+    else:
+        deadline = time.monotonic() + UNIVERSAL_WAIT_S
+        while not os.path.exists(os.path.join(out, "zero")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{out}: rank 0 has not made this universal checkpoint in "
+                                   f"{UNIVERSAL_WAIT_S // 3600} hours")
+            if os.path.exists(failed):
+                with open(failed, encoding="utf-8") as fh:
+                    raise RuntimeError(f"rank 0 could not convert {directory}/{tag}: {fh.read().strip()[-2000:]}")
+            time.sleep(_POLL_S)
     dist.barrier()
     return target
+
+
+def _run_ds_to_universal(directory: str, tag: str, out: str) -> None:
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers = str(max(1, min(UNIVERSAL_WORKERS, os.cpu_count() or 1)))
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(directory, tag), "--output_folder", tmp, "--inject_missing_state",
+               "--num_extract_workers", workers, "--num_merge_workers", workers]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {directory}/{tag} to a universal checkpoint failed:\n"
+                           f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    shutil.copy(os.path.join(directory, tag, STATE_FILE), os.path.join(tmp, STATE_FILE))
+    os.replace(tmp, out)
 
 
 def load(engine, directory: str, rank: int, tag: Optional[str] = None) -> Optional[dict[str, Any]]:

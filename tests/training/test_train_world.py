@@ -340,6 +340,12 @@ def world2(tiny_dict, tmp_path_factory):
         # 18: the same stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
         job(tiny_dict, precision__dtype="bf16", parallel__zero_stage=1, checkpoint__dir=str(out / "relayout_bf16"),
             checkpoint__exit_at_step=3, **steps),
+        # 19, 20: ZeRO-1 stopped at step 3, resumed on both ranks through a universal checkpoint: rank 0 converts,
+        # rank 1 waits for its folder
+        job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=str(out / "universal"), checkpoint__exit_at_step=3,
+            **steps),
+        job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=str(out / "universal"), checkpoint__universal=True,
+            **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -466,6 +472,17 @@ def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):
         assert any("resuming through a universal checkpoint" in l for l in result["lines"])
         assert [result["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(full)[3:], rel=0,
                                                                                 abs=tolerance)
+
+
+def test_every_rank_resumes_through_a_universal_checkpoint_rank_0_makes(world2):
+    """The conversion runs on rank 0 while the others wait for its folder on the file system (a barrier would
+    time out on a large model); both ranks then go on with the uninterrupted run's losses."""
+    results, out = world2
+    resumed = results[20]
+    assert resumed["resumed_from"] == 3 and resumed["step"] == 6
+    assert (out / "universal" / "step00000003-universal" / "zero").is_dir()
+    assert not (out / "universal" / "step00000003-universal.failed").exists()
+    assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(results[1])[3:], rel=0, abs=1e-5)
 
 
 def test_a_hung_rank_fails_the_job_after_the_timeout(tiny_dict, tmp_path):
