@@ -10,6 +10,7 @@
       objective: causal                             # or mlm
       mlm: {mask_prob: 0.15, mask_token_prob: 0.8, random_token_prob: 0.1}
       verify_checksums: false                       # sha256 every shard against its manifest (dealt over ranks)
+      num_workers: 0                                # loader processes per training process (GPUs: 2)
 
 The number of samples per split is not configuration: the trainer derives it (iterations x global batch) and
 passes it to `build_datasets`.
@@ -91,6 +92,9 @@ class DataConfig:
     objective: str = "causal"
     mlm: MLMConfig = field(default_factory=MLMConfig)
     verify_checksums: bool = False
+    # loader processes per training process (Megatron-LM's --num-workers): samples are read and packed off the
+    # training loop's thread; 0 reads them in it (enough on CPUs, where the workers would compete for the cores)
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.mlm, dict):
@@ -126,6 +130,8 @@ class DataConfig:
             raise DataConfigError(f"objective: {self.objective!r} is not one of {OBJECTIVES}")
         if not isinstance(self.mlm, MLMConfig):
             raise DataConfigError(f"mlm: expected a mapping of MLM settings, got {self.mlm!r}")
+        if not _is_int(self.num_workers) or self.num_workers < 0:
+            raise DataConfigError(f"num_workers: must be an integer >= 0, got {self.num_workers!r}")
         if not isinstance(self.verify_checksums, bool):
             raise DataConfigError(f"verify_checksums: expected true or false, got {self.verify_checksums!r}")
 

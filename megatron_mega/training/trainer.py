@@ -618,8 +618,10 @@ class Trainer:
                          f"nothing to train (raise optim.train_steps to go on)")
         else:
             self._reseed(0)
+        workers = cfg.data.num_workers
         loader, sampler = make_loader(splits.train, lay.micro_batch_size, self.dp_rank, lay.data_parallel_size,
-                                      state=sampler_state)
+                                      state=sampler_state, num_workers=workers,
+                                      pin_memory=workers > 0 and torch.cuda.is_available())
         it = TimedIterator(iter(loader))
         if cfg.optim.train_steps == 0:
             return self._save_step0(engine, sampler, tokenizer_sha, result)

@@ -37,6 +37,7 @@ def test_defaults_and_from_dict():
     ({"mlm": {"mask_token_prob": 0.8, "random_token_prob": 0.3}}, r"^mlm.random_token_prob: "),
     ({"mlm": {"mask_fraction": 0.1}}, r"^mlm.mask_fraction: unknown field"),
     ({"verify_checksums": "yes"}, r"^verify_checksums: "),
+    ({"num_workers": -1}, r"^num_workers: must be an integer >= 0"),
     ({"seqlen": 5}, r"^seqlen: unknown field"),
 ])
 def test_bad_fields_are_named(fields, message):

@@ -127,6 +127,8 @@ def single(tiny_dict, tmp_path_factory):
             checkpoint__init_from_checkpoint=str(out / "source")),
         job(tiny_dict, optim__train_steps=2, checkpoint__dir=str(out / "continued"),
             checkpoint__init_from_checkpoint=str(out / "source")),
+        # 28: job 1's run with a loader worker process
+        job(tiny_dict, optim__train_steps=4, data__num_workers=1),
     ]
     return run_jobs(1, jobs, str(out)), tb, out, hf
 
@@ -273,6 +275,11 @@ def test_bf16_with_zero_1_accumulates_in_fp32_and_resumes_exactly(single):
     assert state["grad_accum_dtype"] == "fp32" and state["weight_decay_rule"] == "weights"
     assert losses(old_cut) + [old_resumed["losses"][str(s)] for s in (3, 4)] == losses(old_full)
     assert losses(old_full) != losses(full)
+
+
+def test_a_loader_worker_process_serves_the_same_batches(single):
+    results = single[0]
+    assert losses(results[28]) == losses(results[1]) and len(losses(results[1])) == 4
 
 
 def test_a_run_starts_from_another_runs_checkpoint(single):
