@@ -152,7 +152,7 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
     stages = int(layout.get("pipeline_stages", 1))
     if stages > 1:
         weights = _pipeline_weights(tag_dir, config, objective)
-    elif (bf16_weights := _bf16_optimizer_weights(tag_dir)) is not None:
+    elif int(layout.get("zero_stage", 0)) == 1 and (bf16_weights := _bf16_optimizer_weights(tag_dir)) is not None:
         weights = bf16_weights
     elif int(layout.get("zero_stage", 0)) > 0:
         weights = _zero_weights(directory, tag)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, Optional
 
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 
@@ -46,6 +46,15 @@ def user_json(config: TrainConfig) -> dict[str, Any]:
     return data
 
 
+def fp32_gradients(config: TrainConfig) -> bool:
+    """Whether a bf16 run accumulates and reduces its gradients in fp32: with ZeRO 1-3 on the plain model.
+    Not with ZeRO-0 (DeepSpeed has no such mode: NotImplementedError) nor with pipeline stages, where it would be
+    BF16_Optimizer, whose pipeline path drops the gradients of what only the last stage's loss uses (the LM head's
+    bias, the last stage's share of the tied embedding's): 4 steps of the tiny model were off fp32 by 1e-2."""
+    return (config.precision.dtype == "bf16" and config.parallel.zero_stage >= 1
+            and config.parallel.pipeline_stages == 1)
+
+
 def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     layout = config.layout(world_size)
     dtype = config.precision.dtype
@@ -61,12 +70,13 @@ def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
     }
-    if dtype == "bf16" and config.parallel.zero_stage >= 1:
+    if fp32_gradients(config):
         # gradients accumulated (over micro-batches) and reduced (over ranks) in fp32, as Megatron-LM always does
         # for bf16: in bf16 16 micro-batches were ~1% off. DeepSpeed then builds BF16_Optimizer for ZeRO-1 (fp32
-        # gradients and master weights) and keeps ZeRO-2/3's averaged gradients in fp32. It has no such mode for
-        # ZeRO-0 (NotImplementedError), which keeps bf16 accumulation (the trainer says so).
+        # gradients and master weights) and keeps ZeRO-2/3's averaged gradients in fp32; its reductions default
+        # to the model's dtype, hence the communication dtype too
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     if config.checkpoint.universal:
         ds["checkpoint"] = {"load_universal": True}
     if config.parallel.pipeline_stages > 1 and config.parallel.activation_checkpointing:
@@ -93,6 +103,14 @@ def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     if stage != config.parallel.zero_stage:
         raise TrainConfigError(f"deepspeed.zero_optimization.stage: {stage} disagrees with parallel.zero_stage "
                                f"{config.parallel.zero_stage}")
+    accumulation = (extra.get("data_types") or {}).get("grad_accum_dtype") if isinstance(extra.get("data_types"),
+                                                                                       dict) else None
+    if (dtype == "bf16" and config.parallel.pipeline_stages > 1 and accumulation is not None
+            and _DTYPE_NAMES.get(str(accumulation).lower()) == "fp32"):
+        raise TrainConfigError(
+            "deepspeed.data_types.grad_accum_dtype: fp32 with bf16 pipeline stages runs DeepSpeed's BF16_Optimizer "
+            "on the pipeline, which drops the gradients of the LM head's bias and the last stage's share of the "
+            "tied embedding's; leave it out (bf16 pipelines accumulate in bf16)")
     if "optimizer" in extra or "scheduler" in extra:
         raise TrainConfigError("deepspeed.optimizer/scheduler: set them in the optim section (the trainer passes "
                                "torch's AdamW and its own lr schedule)")
@@ -135,3 +153,18 @@ def saved_gradient_accumulation_dtype(trainer_state: dict[str, Any]) -> str:
     if isinstance(user, dict) and isinstance(user.get("data_types"), dict):
         ds["data_types"] = user["data_types"]
     return gradient_accumulation_dtype(ds)
+
+
+def accumulation_to_keep(trainer_state: Optional[dict[str, Any]], ds: dict[str, Any],
+                         universal: bool) -> Optional[str]:
+    """The gradient accumulation dtype a resumed bf16 run must keep instead of the one `ds` asks for, or None.
+    A bf16 run from before fp32 was the default holds DeepSpeedZeroOptimizer's state at ZeRO-1, which
+    BF16_Optimizer cannot load. Only bf16 to bf16 and not through a universal checkpoint (which loads into
+    either, parameter by parameter); another precision takes the config's."""
+    if trainer_state is None or universal:
+        return None
+    saved_dtype = ((trainer_state.get("config") or {}).get("precision") or {}).get("dtype", "fp32")
+    if saved_dtype != "bf16" or _model_dtype(ds) != "bf16":
+        return None
+    saved = saved_gradient_accumulation_dtype(trainer_state)
+    return saved if saved != gradient_accumulation_dtype(ds) else None

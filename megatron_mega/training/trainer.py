@@ -36,8 +36,8 @@ from megatron_mega.model.gated_attention import MegaMovingAverageGatedAttention
 from megatron_mega.training import checkpointing
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 from megatron_mega.training.distributed import DistContext
-from megatron_mega.training.ds_config import (build_ds_config, gradient_accumulation_dtype,
-                                               saved_gradient_accumulation_dtype)
+from megatron_mega.training.ds_config import (accumulation_to_keep, build_ds_config, fp32_gradients,
+                                               gradient_accumulation_dtype)
 from megatron_mega.training.flops import train_flops
 from megatron_mega.training.lr_schedule import WarmupDecay
 from megatron_mega.training.metrics import MetricsWriter, peak_tflops
@@ -368,13 +368,11 @@ class Trainer:
         ds_config = self._ds_config()
         if universal:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        if self._saved_state is not None:
-            # a run keeps the gradient accumulation dtype it started with: bf16 runs from before fp32 was the
-            # default hold DeepSpeedZeroOptimizer's state at ZeRO-1, which BF16_Optimizer cannot load
-            saved = saved_gradient_accumulation_dtype(self._saved_state)
-            if saved != gradient_accumulation_dtype(ds_config):
-                ds_config["data_types"] = {**ds_config.get("data_types", {}), "grad_accum_dtype": saved}
-                self.log(f"the checkpoint's run accumulated gradients in {saved}: this run keeps it")
+        kept = accumulation_to_keep(self._saved_state, ds_config, universal)
+        if kept is not None:
+            ds_config["data_types"] = {**ds_config.get("data_types", {}), "grad_accum_dtype": kept}
+            ds_config.pop("communication_data_type", None)
+            self.log(f"the checkpoint's run accumulated gradients in {kept}: this run keeps it")
         self._grad_accum_dtype = gradient_accumulation_dtype(ds_config)
         if cfg.parallel.zero_stage == 3 and not self.pipeline:
             # lm_loss reads the head's weight outside the head's own forward: ZeRO-3 must gather it for LMLoss
@@ -593,9 +591,10 @@ class Trainer:
         self.log(f"layout: {lay.describe()}; ZeRO-{cfg.parallel.zero_stage}, {cfg.precision.dtype}, sequence "
                  f"{cfg.data.seq_len} ({lay.global_batch_size * cfg.data.seq_len:,} tokens a step)")
         self.log(f"parameters: {own:,}" + (" on pipeline stage 0" if self.pipeline else ""))
-        if cfg.precision.dtype == "bf16" and cfg.parallel.zero_stage == 0:
-            self.log("precision.dtype bf16 with ZeRO-0 accumulates gradients in bf16 (DeepSpeed has no fp32 "
-                     "accumulation without ZeRO); parallel.zero_stage >= 1 accumulates in fp32")
+        if cfg.precision.dtype == "bf16" and not fp32_gradients(cfg):
+            why = ("DeepSpeed's fp32 mode drops gradients on a pipeline" if self.pipeline else
+                   "DeepSpeed has no fp32 accumulation without ZeRO; parallel.zero_stage >= 1 has")
+            self.log(f"precision.dtype bf16: gradients are accumulated and reduced in bf16 ({why})")
         engine = self._engine(model, universal)
         step_fn = self._pipeline_step if self.pipeline else self._train_step
         result = TrainResult()

@@ -110,7 +110,14 @@ def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can():
 
     for stage in (1, 2, 3):
         assert accumulation("precision.dtype=bf16", f"parallel.zero_stage={stage}") == {"grad_accum_dtype": "fp32"}
+        ds = build_ds_config(load_train_config(TINY, ["precision.dtype=bf16", f"parallel.zero_stage={stage}"]), 2)
+        assert ds["communication_data_type"] == "fp32"  # DeepSpeed reduces in the model's dtype otherwise
     assert accumulation("precision.dtype=bf16", "parallel.zero_stage=0") is None  # DeepSpeed has no such mode
+    # nor on a pipeline: BF16_Optimizer's pipeline path drops the LM head bias's gradient
+    pipe = ("precision.dtype=bf16", "parallel.zero_stage=1", "parallel.pipeline_stages=2")
+    assert accumulation(*pipe) is None
+    with pytest.raises(TrainConfigError, match="grad_accum_dtype: fp32 with bf16 pipeline stages runs DeepSpeed"):
+        accumulation(*pipe, "deepspeed={data_types: {grad_accum_dtype: float32}}")
     assert accumulation("parallel.zero_stage=1") is None and accumulation("precision.dtype=fp16",
                                                                           "parallel.zero_stage=1") is None
     assert accumulation("precision.dtype=bf16", "parallel.zero_stage=1",
@@ -124,6 +131,27 @@ def test_lr_schedule():
     assert lr_at(110, cos) == pytest.approx(0.1) and lr_at(500, cos) == pytest.approx(0.1)
     lin = OptimConfig(train_steps=110, lr=1.0, min_lr=0.0, warmup_steps=10, decay="linear")
     assert lr_at(35, lin) == pytest.approx(0.75)
+
+
+def test_a_resumed_bf16_run_keeps_its_gradient_accumulation_dtype_and_only_that():
+    from megatron_mega.training.ds_config import accumulation_to_keep
+
+    def ds(*overrides):
+        return build_ds_config(load_train_config(TINY, list(overrides)), 2)
+
+    bf16_zero1 = ds("precision.dtype=bf16", "parallel.zero_stage=1")
+    legacy = {"config": {"precision": {"dtype": "bf16"}}}  # no grad_accum_dtype: saved before it was recorded
+    assert accumulation_to_keep(legacy, bf16_zero1, universal=False) == "bf16"
+    assert accumulation_to_keep(legacy, bf16_zero1, universal=True) is None  # loads parameter by parameter
+    assert accumulation_to_keep({**legacy, "grad_accum_dtype": "fp32"}, bf16_zero1, universal=False) is None
+    assert accumulation_to_keep(None, bf16_zero1, universal=False) is None
+    # another precision, saved or now, takes the config's (fp16 gradients under bf16 weights, no loss scale)
+    assert accumulation_to_keep({"config": {"precision": {"dtype": "fp16"}}}, bf16_zero1, universal=False) is None
+    fp32 = ds("parallel.zero_stage=1")
+    assert accumulation_to_keep({**legacy, "grad_accum_dtype": "bf16"}, fp32, universal=False) is None
+    # the user's own DeepSpeed JSON of a run saved before the field existed
+    asked = {"config": {"precision": {"dtype": "bf16"}, "deepspeed": {"data_types": {"grad_accum_dtype": "fp32"}}}}
+    assert accumulation_to_keep(asked, bf16_zero1, universal=False) is None
 
 
 def test_the_logged_loss_scale_is_the_optimizers():
