@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -157,40 +157,51 @@ def read_state(directory: str, tag: str) -> dict[str, Any]:
 
 UNIVERSAL_WORKERS = 4  # ds_to_universal's extract and merge processes (at most the CPUs there are)
 _POLL_S = 2.0
-UNIVERSAL_WAIT_S = 6 * 3600  # the other ranks' patience: a rank 0 that died without a note fails the job then
+RANK_0_WAIT_S = 6 * 3600  # the other ranks' patience: a rank 0 that died without a note fails the job then
 
 
-def convert_to_universal(directory: str, tag: str, rank: int) -> str:
-    """DeepSpeed's universal checkpoint of `tag` (made once, by rank 0, beside it); returns its tag. Needed to
-    resume with another data-parallel size or pipeline stage count: the optimizer partitions are re-cut on load.
+def made_by_rank_0(done: str, make: Callable[[], None], rank: int, what: str) -> None:
+    """Rank 0 runs `make()` unless `done` (a path it creates last) exists; the other ranks wait for `done`, or for
+    rank 0's failure note, on the file system every rank shares, and meet rank 0 in a barrier once it is there.
 
-    The conversion takes minutes for a large model, longer than the collective timeout (parallel.timeout_s) the
-    other ranks would wait in a barrier: they wait for its folder (or rank 0's failure note) on the file system
-    instead, which every rank shares, and meet rank 0 in a barrier only once it is there."""
-    target = tag + UNIVERSAL_SUFFIX
-    out = os.path.join(directory, target)
-    failed = out + ".failed"
+    Such work (a universal checkpoint, a large checkpoint's weights) takes minutes for a large model, longer than
+    the collective timeout (parallel.timeout_s) a barrier would wait. A failure on rank 0 fails every rank with its
+    message; a config error stays one (TrainConfigError) everywhere."""
+    failed = done + ".failed"
     if rank == 0 and os.path.exists(failed):
         os.remove(failed)  # an earlier attempt's: removed before the others start looking for one
     dist.barrier()
     if rank == 0:
-        if not os.path.exists(os.path.join(out, "zero")):
+        if not os.path.exists(done):
             try:
-                _run_ds_to_universal(directory, tag, out)
+                make()
             except BaseException as err:
-                atomic_write_text(failed, f"{err}\n")
+                atomic_write_text(failed, json.dumps({"config_error": isinstance(err, TrainConfigError),
+                                                      "message": str(err)}))
                 raise
     else:
-        deadline = time.monotonic() + UNIVERSAL_WAIT_S
-        while not os.path.exists(os.path.join(out, "zero")):
+        deadline = time.monotonic() + RANK_0_WAIT_S
+        while not os.path.exists(done):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{out}: rank 0 has not made this universal checkpoint in "
-                                   f"{UNIVERSAL_WAIT_S // 3600} hours")
+                raise RuntimeError(f"{done}: rank 0 has not made {what} in {RANK_0_WAIT_S // 3600} hours")
             if os.path.exists(failed):
                 with open(failed, encoding="utf-8") as fh:
-                    raise RuntimeError(f"rank 0 could not convert {directory}/{tag}: {fh.read().strip()[-2000:]}")
+                    note = json.load(fh)
+                if note.get("config_error"):
+                    raise TrainConfigError(note["message"])
+                raise RuntimeError(f"rank 0 could not make {what}: {note['message'][-2000:]}")
             time.sleep(_POLL_S)
     dist.barrier()
+
+
+def convert_to_universal(directory: str, tag: str, rank: int) -> str:
+    """DeepSpeed's universal checkpoint of `tag` (made once, by rank 0, beside it); returns its tag. Needed to
+    resume with another data-parallel size or pipeline stage count: the optimizer partitions are re-cut on load."""
+    target = tag + UNIVERSAL_SUFFIX
+    out = os.path.join(directory, target)
+    # the folder is renamed into place complete, so its existence is the sign
+    made_by_rank_0(out, lambda: _run_ds_to_universal(directory, tag, out), rank,
+                   f"the universal checkpoint of {directory}/{tag}")
     return target
 
 

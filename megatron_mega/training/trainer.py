@@ -19,8 +19,10 @@ checkpoint of step 0 and stops: "Hugging Face directory -> training checkpoint" 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -404,6 +406,45 @@ class Trainer:
         self.guard = FiniteStepGuard(engine, self._all_max)
         return engine
 
+    def _weights_of_checkpoint(self, source: str) -> tuple[dict[str, torch.Tensor], int]:
+        """(the LM state dict, its step) of another run's checkpoint, for checkpoint.init_from_checkpoint.
+
+        Reading a ZeRO checkpoint loads every partition with its Adam moments (12+ bytes a parameter): with 8
+        processes a node doing it each, a 7B model needs ~0.7 TB of host memory. So rank 0 reads it and writes the
+        weights once into checkpoint.dir; every process maps that file (4 bytes a parameter, shared in each node's
+        page cache), and it is deleted once all have."""
+        from megatron_mega.convert.training_checkpoint import (TrainingCheckpointError,
+                                                               lm_state_from_training_checkpoint)
+
+        cfg, ctx = self.config, self.context
+
+        def read() -> tuple[dict[str, torch.Tensor], int]:
+            try:
+                return lm_state_from_training_checkpoint(source, cfg.model, cfg.objective)
+            except TrainingCheckpointError as err:
+                raise TrainConfigError(str(err)) from None
+
+        if ctx.world_size == 1 or not cfg.checkpoint.dir:
+            return read()
+        digest = hashlib.sha256(os.path.abspath(source).encode()).hexdigest()[:12]
+        path = os.path.join(cfg.checkpoint.dir, f".init-weights-{digest}.pt")
+        if ctx.rank == 0 and os.path.exists(path):
+            os.remove(path)  # an interrupted earlier start's; the source may have a newer `latest` since
+
+        def write() -> None:
+            state, step = read()
+            os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            torch.save({"state": state, "step": step}, tmp)
+            os.replace(tmp, path)
+
+        checkpointing.made_by_rank_0(path, write, ctx.rank, f"the weights of {source}")
+        blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        dist.barrier()  # every process has it mapped: the name can go
+        if ctx.rank == 0:
+            os.remove(path)
+        return blob["state"], int(blob["step"])
+
     def _ds_config(self) -> dict[str, Any]:
         return build_ds_config(self.config, self.context.world_size)
 
@@ -567,14 +608,7 @@ class Trainer:
             init_state = initial_lm_state(ck.init_from_hf, cfg.model, cfg.objective, cfg.seed)
             self.log(f"starting from the weights of {ck.init_from_hf}")
         elif tag is None and ck.init_from_checkpoint:
-            from megatron_mega.convert.training_checkpoint import (TrainingCheckpointError,
-                                                                   lm_state_from_training_checkpoint)
-
-            try:
-                init_state, source_step = lm_state_from_training_checkpoint(ck.init_from_checkpoint, cfg.model,
-                                                                            cfg.objective)
-            except TrainingCheckpointError as err:
-                raise TrainConfigError(str(err)) from None
+            init_state, source_step = self._weights_of_checkpoint(ck.init_from_checkpoint)
             self.log(f"starting from the weights of {ck.init_from_checkpoint} (its iteration {source_step}): "
                      f"iteration 0, a new optimizer, lr schedule and data order")
         model = self._pipeline_module(init_state) if self.pipeline else build_model(cfg, init_state)

@@ -353,6 +353,12 @@ def world2(tiny_dict, tmp_path_factory):
             **steps),
         job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=str(out / "universal"), checkpoint__universal=True,
             **steps),
+        # 21: the ZeRO-2 run of job 4 as the step-0 checkpoint of a new ZeRO-3 run (rank 0 reads it, both map it)
+        job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "init2"),
+            checkpoint__init_from_checkpoint=str(out / "full"), **{**steps, "optim__train_steps": 0}),
+        # 22: the same from a folder that holds no checkpoint: rank 0's error, on both ranks
+        {**job(tiny_dict, checkpoint__dir=str(out / "init_bad"), checkpoint__init_from_checkpoint=str(out / "hf0"),
+               **steps), "raises": True, "all_ranks": True},
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -490,6 +496,22 @@ def test_every_rank_resumes_through_a_universal_checkpoint_rank_0_makes(world2):
     assert (out / "universal" / "step00000003-universal" / "zero").is_dir()
     assert not (out / "universal" / "step00000003-universal.failed").exists()
     assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(results[1])[3:], rel=0, abs=1e-5)
+
+
+def test_a_new_run_on_two_ranks_starts_from_another_runs_checkpoint(world2):
+    from megatron_mega.convert.training_checkpoint import read_training_checkpoint
+
+    results, out = world2
+    assert results[21]["step"] == 0
+    source, started = read_training_checkpoint(str(out / "full")), read_training_checkpoint(str(out / "init2"))
+    assert source.step == 6 and started.step == 0 and started.layout["zero_stage"] == 3
+    assert started.state.keys() == source.state.keys()
+    assert all(torch.equal(started.state[k], source.state[k]) for k in source.state)
+    assert not list((out / "init2").glob(".init-weights-*"))  # the shared copy is gone once every rank has it
+    # a source that cannot be read: rank 0's config error, one line, on every rank (not a timeout on rank 1)
+    for rank in (0, 1):
+        raised = json.loads((out / f"job22-rank{rank}.json").read_text())["raised"]
+        assert raised.startswith("TrainConfigError: ") and f"{out / 'hf0'}: not a directory" in raised, raised
 
 
 def test_a_hung_rank_fails_the_job_after_the_timeout(tiny_dict, tmp_path):
