@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], out: str) ->
     lines: list[str] = []
     config = load_train_config(os.path.join(ROOT, "configs/train/demo.yaml"), overrides)
     result = run_training(config, print_fn=lambda *a, **k: lines.append(" ".join(map(str, a))))
-    logged = [l for l in lines if l.startswith("iteration ")]
+    logged = [l for l in lines if "] iteration " in l]
     rates = [float(l.split("tokens/s ")[1].split(" ")[0]) for l in logged]
     waits = [float(l.split("data wait ")[1].split(" ")[0]) for l in logged]
     ms_iter = [float(l.split("ms/iter ")[1].split(" ")[0]) for l in logged]

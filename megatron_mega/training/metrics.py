@@ -15,6 +15,7 @@ TFLOP/s/device and MFU count the model's FLOPs (training/flops.py, without recom
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 # Dense peak TFLOP/s per device by (device name substring, dtype). MFU is only reported for a known device or a
@@ -55,7 +56,8 @@ class MetricsWriter:
             return
         def fmt(name, value, spec):
             return f"{name} {format(value, spec)}"
-        parts = [f"iteration {step}/{total}",
+        # the wall-clock time first, as Megatron-LM's lines: when a long run slowed down or stalled
+        parts = [f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {step}/{total}",
                  fmt("consumed samples", values["consumed_samples"], "d"),
                  fmt("consumed tokens", values["consumed_tokens"], "d"),
                  fmt("lr", values["lr"], ".3E"), fmt("loss", values["loss"], ".4f"),

@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -143,7 +144,8 @@ def test_loss_decreases_on_real_text(single):
 
 def test_metrics_lines_tensorboard_and_evaluation(single):
     (_, result, *_), tb, *_ = single
-    line = next(l for l in result["lines"] if l.startswith("iteration 2/4"))
+    line = next(l for l in result["lines"] if "] iteration 2/4 |" in l)
+    assert re.match(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration 2/4 \| consumed samples", line), line
     assert result["lines"][0].startswith("layout: 1 process(es) = 1 pipeline stage(s) x 1 data-parallel; global "
                                          "batch 4 = micro 2 x accumulation 2 x data-parallel 1; ZeRO-0, fp32")
     assert any(l.startswith("parameters: ") for l in result["lines"][:3])
@@ -187,7 +189,7 @@ def test_nonfinite_gradients_skip_the_step_in_fp32_zero_0_to_3(single, tiny_dict
         assert any("iteration 2: non-finite gradients on some rank; optimizer step skipped (1 in a row)" in l
                    for l in result["lines"]), stage
         # iteration 4 runs at the schedule's third rate (lr_at(2)): the skipped step did not advance it
-        line = next(l for l in result["lines"] if l.startswith("iteration 4/4"))
+        line = next(l for l in result["lines"] if "] iteration 4/4 |" in l)
         optim = OptimConfig(**{**tiny_dict["optim"], "train_steps": 4})
         assert f"lr {lr_at(2, optim):.3E}" in line and lr_at(2, optim) != lr_at(3, optim), (stage, line)
     # the same data and no other difference: every stage skipped the same step and continued alike
@@ -215,7 +217,7 @@ def test_selective_recompute_off_keeps_the_losses(single):
 def test_ms_per_iter_leaves_out_evaluation_and_saving_but_not_steps(single):
     """A validation or save inside a log window used to restart the window's clock without its step count: the
     4-step window below was timed over its last step only and divided by 4 (ms/iter, tokens/s, MFU ~4x off)."""
-    line = next(l for l in single[0][12]["lines"] if l.startswith("iteration 4/4"))
+    line = next(l for l in single[0][12]["lines"] if "] iteration 4/4 |" in l)
     ms_per_iter = float(line.split("ms/iter ")[1].split()[0])
     assert ms_per_iter >= 200, line  # 2 micro-batches of >= 100 ms each
     # validated at step 3 (eval_interval) and at the end, although 3 does not divide 4
