@@ -348,6 +348,18 @@ class Trainer:
             raise TrainConfigError(
                 f"parallel.pipeline_stages: {load_dir}/{tag} was saved with {saved['pipeline_stages']} pipeline "
                 f"stage(s); resuming a pipeline checkpoint without a pipeline (or the reverse) is not supported")
+        if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
+            if saved["zero_stage"] != now["zero_stage"] or ck.universal:
+                # DeepSpeed's universal checkpoint is made from ZeRO's optimizer partitions, which ZeRO-0 has not
+                raise TrainConfigError(
+                    f"parallel.zero_stage: {load_dir}/{tag} was saved with ZeRO-{saved['zero_stage']}, this run uses "
+                    f"ZeRO-{now['zero_stage']}; a ZeRO-0 checkpoint resumes only under ZeRO-0 (any data-parallel "
+                    f"size). Start a new run from its weights with checkpoint.init_from_checkpoint")
+            if saved != now:
+                # ZeRO-0 keeps the whole optimizer state in one file every rank reads: nothing to re-cut
+                self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: ZeRO-0 state is the same for any "
+                         f"data-parallel size")
+            return load_dir, tag, False
         if ck.universal or saved != now:
             if saved != now:
                 self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: resuming through a universal "
@@ -721,7 +733,9 @@ class Trainer:
                     result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
                     window_paused += time.perf_counter() - paused_at  # saving is not part of ms/iter
             result.step, result.consumed_samples = step, sampler.consumed_samples
-            if ck.dir and (ck.save_final or result.stopped != "finished"):
+            if ck.dir and (ck.save_final or result.stopped != "finished") and step != result.resumed_from:
+                # (a resume with nothing to train leaves its checkpoint alone: saving the same step again would
+                # rewrite, in place, the one `latest` names)
                 result.checkpoint = self._save(engine, step, sampler, tokenizer_sha)
             if (result.stopped == "finished" and cfg.logging.eval_interval and splits.valid is not None
                     and step not in result.eval_losses.get("valid", {})):

@@ -245,6 +245,7 @@ def test_a_resume_says_when_the_lr_schedule_changed(single):
     done = results[17]
     assert done["resumed_from"] == 4 and done["step"] == 4 and not done["losses"]
     assert any("iteration 4 is optim.train_steps 4 or more: nothing to train" in l for l in done["lines"])
+    assert not any("saved checkpoint" in l for l in done["lines"])  # its checkpoint is not rewritten in place
 
 
 def test_bf16(single):
@@ -361,6 +362,9 @@ def world2(tiny_dict, tmp_path_factory):
         # 22: the same from a folder that holds no checkpoint: rank 0's error, on both ranks
         {**job(tiny_dict, checkpoint__dir=str(out / "init_bad"), checkpoint__init_from_checkpoint=str(out / "hf0"),
                **steps), "raises": True, "all_ranks": True},
+        # 23: ZeRO-0 stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
+        job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=str(out / "relayout0"), checkpoint__exit_at_step=3,
+            **steps),
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -478,8 +482,18 @@ def test_resume_with_another_data_parallel_size(world2, tiny_dict, tmp_path):
     bf16 = dict(precision__dtype="bf16", parallel__zero_stage=1)
     resumed = run_jobs(1, [job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "relayout"), **steps),
                            job(tiny_dict, parallel__zero_stage=3, checkpoint__dir=str(out / "relayout3"), **steps),
-                           job(tiny_dict, checkpoint__dir=str(out / "relayout_bf16"), **bf16, **steps)],
+                           job(tiny_dict, checkpoint__dir=str(out / "relayout_bf16"), **bf16, **steps),
+                           # ZeRO-0: the same file for any data-parallel size; another ZeRO stage is refused
+                           job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=str(out / "relayout0"), **steps),
+                           {**job(tiny_dict, parallel__zero_stage=1, checkpoint__dir=str(out / "relayout0"),
+                                  **steps), "raises": True}],
                        str(tmp_path))
+    zero0 = resumed[3]
+    assert zero0["resumed_from"] == 3 and any("ZeRO-0 state is the same for any data-parallel size" in l
+                                              for l in zero0["lines"])
+    assert [zero0["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(results[0])[3:], rel=0, abs=1e-5)
+    raised = json.loads((tmp_path / "job4-rank0.json").read_text())["raised"]
+    assert raised.startswith("TrainConfigError: parallel.zero_stage: ") and "init_from_checkpoint" in raised
     # bf16 (BF16_Optimizer through a universal checkpoint; 9e-6 measured): bf16 rounds another reduction order
     for result, full, tolerance in ((resumed[0], results[4], 1e-5), (resumed[1], results[3], 5e-6),
                                     (resumed[2], results[17], 5e-5)):
