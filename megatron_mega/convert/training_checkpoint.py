@@ -157,7 +157,7 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
     elif int(layout.get("zero_stage", 0)) > 0:
         weights = _zero_weights(directory, tag)
     else:
-        weights = _module_weights(tag_dir)
+        weights = _module_weights(tag_dir, config, objective, state)
     seq_len = int((config_dict.get("data") or {}).get("seq_len", 0))
     consumed = int(state.get("consumed_samples", 0))
     return TrainingWeights(config=config, objective=objective, state=weights, step=int(state.get("step", 0)),
@@ -173,17 +173,29 @@ def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
     weights of another run's checkpoint (`checkpoint.init_from_checkpoint`). The architecture and the objective
     must be the run's; a change of either is one error naming the field."""
     from megatron_mega.convert.hf_import import ARCHITECTURE_FIELDS
+    from megatron_mega.training import checkpointing
 
-    weights = read_training_checkpoint(directory)
+    field = "checkpoint.init_from_checkpoint"
+    directory, step = os.path.abspath(directory), None
+    name = os.path.basename(directory)
+    if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)) and \
+            name.startswith(checkpointing.TAG_PREFIX) and name[len(checkpointing.TAG_PREFIX):].isdigit():
+        # one step's folder (run/step00000600): that step, not the run's `latest`
+        directory, step = os.path.dirname(directory), int(name[len(checkpointing.TAG_PREFIX):])
+    try:
+        weights = read_training_checkpoint(directory, step)
+    except TrainingCheckpointError as err:
+        raise TrainingCheckpointError(f"{field}: {err}") from None
     if weights.objective != objective:
+        hint = (" (`megatron-mega convert --bidirectional-to-causal` turns the encoder into a Hugging Face decoder "
+                "that checkpoint.init_from_hf can start from)" if objective == "causal" else "")
         raise TrainingCheckpointError(
-            f"checkpoint.init_from_checkpoint: {weights.tag_dir} trained the {weights.objective} objective, this run "
-            f"the {objective} one (`megatron-mega convert --bidirectional-to-causal` turns an encoder into a "
-            f"Hugging Face decoder that checkpoint.init_from_hf can start from)")
+            f"{field}: {weights.tag_dir} trained the {weights.objective} objective, this run the {objective} "
+            f"one{hint}")
     different = [f"model.{name}: {getattr(weights.config, name)!r} there, {getattr(model_config, name)!r} here"
                  for name in ARCHITECTURE_FIELDS if getattr(weights.config, name) != getattr(model_config, name)]
     if different:
-        raise TrainingCheckpointError(f"checkpoint.init_from_checkpoint: {weights.tag_dir} has another architecture: "
+        raise TrainingCheckpointError(f"{field}: {weights.tag_dir} has another architecture: "
                                       f"{'; '.join(different)}")
     return weights.model().state_dict(), weights.step
 
@@ -195,7 +207,8 @@ def _strip_wrapper(state: dict[str, torch.Tensor], where: str) -> dict[str, torc
     return {k[len(_WRAPPER_PREFIX):]: v.detach().float().contiguous() for k, v in state.items()}
 
 
-def _module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
+def _module_weights(tag_dir: str, config: Optional[MegaConfig] = None, objective: str = "causal",
+                    trainer_state: Optional[dict[str, Any]] = None) -> dict[str, torch.Tensor]:
     path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.exists(path):
         raise TrainingCheckpointError(f"{path}: missing (incomplete checkpoint?)")
@@ -205,7 +218,45 @@ def _module_weights(tag_dir: str) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
         raise TrainingCheckpointError(f"{path}: cannot be read ({_first_line(err)}); the file is damaged or "
                                       f"incomplete (convert an earlier step with --step)") from None
-    return _strip_wrapper(dict(blob["module"]), path)
+    module = dict(blob["module"])
+    if config is not None:
+        module.update(_fp16_optimizer_masters(blob, module, config, objective, trainer_state or {}, path))
+    return _strip_wrapper(module, path)
+
+
+def _fp16_optimizer_masters(blob: dict[str, Any], module: dict[str, torch.Tensor], config: MegaConfig,
+                            objective: str, trainer_state: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a bf16/fp16 ZeRO-0 checkpoint (DeepSpeed's FP16_UnfusedOptimizer), whose
+    module state holds only their 16-bit copies; {} for any other. Its `fp32_groups` are lists of tensors in the
+    order of the optimizer's parameter groups, which the trainer built with training.weight_decay.param_groups
+    (by the rule the checkpoint records): the same groups, built on the meta device, name them. Each master must
+    round to its module weight; otherwise the module's weights are kept, with a warning, rather than a guess."""
+    optimizer = blob.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("fp32_groups"), list):
+        return {}
+    from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
+    from megatron_mega.training.weight_decay import param_groups, rule_of_checkpoint
+
+    with torch.device("meta"):
+        lm = (MegaForCausalLM if objective == "causal" else MegaForMaskedLM)(config)
+    named = {id(p): _WRAPPER_PREFIX + name for name, p in lm.named_parameters()}
+    groups = [[named[id(p)] for p in group["params"]]
+              for group in param_groups(lm, 0.0, rule_of_checkpoint(trainer_state))]
+    masters = {}
+    try:
+        if [len(g) for g in groups] != [len(g) for g in optimizer["fp32_groups"]]:
+            raise ValueError("other parameter groups")
+        for names, tensors in zip(groups, optimizer["fp32_groups"]):
+            for name, master in zip(names, tensors):
+                weight = module[name]
+                if master.shape != weight.shape or not torch.equal(master.to(weight.dtype), weight):
+                    raise ValueError(f"{name} does not round to the module's weight")
+                masters[name] = master
+    except (ValueError, KeyError) as err:
+        logger.warning("%s: the optimizer's fp32 weights do not match the module's (%s); converting the module's "
+                       "16-bit weights", path, err)
+        return {}
+    return masters
 
 
 def _first_line(err: BaseException) -> str:

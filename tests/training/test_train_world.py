@@ -88,7 +88,7 @@ def single(tiny_dict, tmp_path_factory):
         # 2: masked LM (bidirectional encoder); 3: bf16
         job(tiny_dict, objective="mlm", model__is_decoder=False, model__bidirectional=True,
             optim__train_steps=12, optim__lr=0.01, logging__eval_interval=12),
-        job(tiny_dict, optim__train_steps=4, precision__dtype="bf16"),
+        job(tiny_dict, optim__train_steps=4, precision__dtype="bf16", checkpoint__dir=str(out / "bf16_zero0")),
         # 4-7: fp32, ZeRO 0-3: a finite loss with non-finite gradients at step 2 -> that step is not applied
         *[job(tiny_dict, "nan_grad", poison, parallel__zero_stage=stage, optim__train_steps=4) for stage in range(4)],
         # 8: two such steps in a row stop the run (K=2)
@@ -255,6 +255,17 @@ def test_bf16(single):
     fp32 = losses(single[0][1])
     bf16 = losses(single[0][3])
     assert bf16 == pytest.approx(fp32, abs=1e-3)
+    # its checkpoint converts with the optimizer's fp32 weights, which the module's bf16 ones are rounded from
+    from megatron_mega.convert.training_checkpoint import read_training_checkpoint
+
+    folder = single[2] / "bf16_zero0"
+    weights = read_training_checkpoint(str(folder))
+    module = torch.load(folder / "step00000004" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    names = [k for k in module if k[3:] in weights.state]
+    assert len(names) == len(weights.state)
+    assert all(torch.equal(weights.state[k[3:]].to(torch.bfloat16), module[k]) for k in names)
+    assert sum(not torch.equal(weights.state[k[3:]], module[k].float()) for k in names) > len(names) // 2
 
 
 def test_bf16_with_zero_1_accumulates_in_fp32_and_resumes_exactly(single):
@@ -303,8 +314,13 @@ def test_a_run_starts_from_another_runs_checkpoint(single):
                for l in continued["lines"])
     # the first batch is the source run's first batch: its trained weights do better on it than a fresh start
     assert continued["losses"]["1"] < results[25]["losses"]["1"] - 0.01
+    # a step's own folder names that step
+    state, step = lm_state_from_training_checkpoint(str(out / "source" / "step00000003"), source.config, "causal")
+    assert step == 3 and torch.equal(state["lm_head.bias"], source.state["lm_head.bias"])
+    with pytest.raises(TrainingCheckpointError, match=r"^checkpoint.init_from_checkpoint: .*nowhere: not a dir"):
+        lm_state_from_training_checkpoint(str(out / "nowhere"), source.config, "causal")
     model = source.config
-    with pytest.raises(TrainingCheckpointError, match="trained the causal objective, this run the mlm one"):
+    with pytest.raises(TrainingCheckpointError, match="trained the causal objective, this run the mlm one$"):
         lm_state_from_training_checkpoint(str(out / "source"), model, "mlm")
     with pytest.raises(TrainingCheckpointError, match=r"model.num_hidden_layers: 2 there, 3 here"):
         lm_state_from_training_checkpoint(str(out / "source"), model.copy(num_hidden_layers=3), "causal")
