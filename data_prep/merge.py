@@ -170,7 +170,16 @@ def _reshard(manifests: list[Manifest], output: str, shard_tokens: int) -> tuple
     try:
         for manifest in manifests:
             for shard in manifest.shards:
-                dataset = indexed_dataset.IndexedDataset(manifest.shard_prefix(shard))
+                prefix = manifest.shard_prefix(shard)
+                try:
+                    dataset = indexed_dataset.IndexedDataset(prefix)
+                    # the whole index once: a damaged one is named here, not copied (the run copy trusts lengths)
+                    dataset.check_layout()
+                except indexed_dataset.IndexedDatasetError as err:
+                    raise PrepareError(f"{err}") from None
+                if dataset.dtype != dtype:
+                    raise PrepareError(f"{prefix}.idx: tokens of dtype {dataset.dtype}, its manifest says {dtype}; "
+                                       f"the part is damaged (re-run its job)")
                 if _one_sequence_documents(dataset) and dataset.is_contiguous():
                     oversized += _copy_runs(dataset, shard_tokens, room_for, lambda: (writer, digest))
                     continue

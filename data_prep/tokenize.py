@@ -421,12 +421,12 @@ def _write(results: Iterator, sources: list, cutter: ShardCutter, strict: bool, 
 
         for source, number, reason, detail, count in outcomes:
             if reason is not None:
+                flush()  # the documents before it are written first, as shards closed before a --strict stop
+                first, positions = document, []
                 where = sources[source].location(number)
                 if strict:
                     raise PrepareError(f"{where}: {REASONS.get(reason, reason)}: {detail} "
                                        f"(--strict; without it such records are skipped and counted)")
-                flush()
-                first, positions = document, []
                 cutter.skip(reason, where, detail, count)
                 continue
             positions.append((source, number))

@@ -11,7 +11,7 @@ from megatron_mega.cli import main
 from megatron_mega.data.manifest import Manifest
 from megatron_mega.data.tokenizer import Tokenizer
 
-from .conftest import documents, tokenize
+from .conftest import documents, tokenize, write_jsonl
 
 GOOD = ["first good document", "second good document", "third good document", "fourth good document"]
 
@@ -139,3 +139,17 @@ def test_no_usable_document_is_an_error_that_leaves_nothing(tmp_path, tokenizer_
                  "--vocab-size", "300"]) == 2
     assert "no usable documents to train the tokenizer on (2 record(s) skipped, missing_key: 2" in \
         capsys.readouterr().err
+
+
+def test_a_strict_stop_keeps_the_shards_closed_before_the_bad_record(tmp_path, tokenizer_dir, capsys):
+    """Documents of the same batch before the bad record are written first: the shards they close are finished
+    (as when documents were written one at a time) and a rerun resumes after them."""
+    write_jsonl(tmp_path / "in" / "a.jsonl", [f"document number {i} with some words" for i in range(10)])
+    with open(tmp_path / "in" / "a.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"text": 3}\n')
+    out = tmp_path / "out"
+    assert main(["prepare", "tokenize", str(tmp_path / "in"), "--output", str(out), "--tokenizer", tokenizer_dir,
+                 "--strict", "--workers", "1", "--shard-tokens", "4"]) == 2
+    assert "a.jsonl:11: text field is not a string" in capsys.readouterr().err
+    # one document a shard: the first nine are closed; the tenth was still open when the run stopped
+    assert sorted(p.name for p in (out / ".prepare").glob("shard-*.json")) == [f"shard-{i:05d}.json" for i in range(9)]

@@ -10,6 +10,8 @@ Without --reshard only the shard boundaries differ (each part starts a new shard
 
 import json
 
+import numpy as np
+
 import pytest
 
 from data_prep.errors import PrepareError
@@ -130,3 +132,35 @@ def test_reshard_copies_runs_of_documents_as_the_one_by_one_rule_cuts(tmp_path, 
     assert resharded() == fast
     single = {name: (tmp_path / "single" / name).read_bytes() for name in fast}
     assert fast == single and len(fast) > 7
+
+
+def test_reshard_refuses_a_damaged_part_shard_by_name(tmp_path, tokenizer_dir, corpus_docs, capsys):
+    """The run copy trusts a shard's lengths and its manifest's dtype, so both are checked first: a part whose
+    shard holds another dtype than its manifest says, or whose index has a negative length, is one error naming
+    the file (the copy wrote a manifest with wrong checksums, or copied the damage)."""
+    from megatron_mega.data import indexed_dataset
+
+    write_jsonl(tmp_path / "in" / "a.jsonl", corpus_docs[:20])
+    write_jsonl(tmp_path / "in" / "b.jsonl", corpus_docs[20:40])
+    out = tmp_path / "split"
+    for job in range(2):
+        assert main(["prepare", "tokenize", str(tmp_path / "in"), "--output", str(out), "--tokenizer", tokenizer_dir,
+                     "--num-jobs", "2", "--job-index", str(job), "--workers", "1"]) == 0
+    prefix = str(out / "part-00000-of-00002" / "shard-00000")
+    original = indexed_dataset.IndexedDataset(prefix)
+    lengths = np.asarray(original.sequence_lengths, dtype=np.int64)
+    documents = np.array(original.document_indices, dtype=np.int64)  # a copy: the file is rewritten below
+    tokens = np.concatenate([original[i] for i in range(len(original))]).astype(np.int32)
+    del original
+    (out / "part-00000-of-00002" / "shard-00000.bin").write_bytes(tokens.tobytes())
+    indexed_dataset.write_index(prefix + ".idx", np.int32, lengths, documents)
+    assert main(["prepare", "merge", str(out), "--reshard"]) == 2
+    assert "shard-00000.idx: tokens of dtype int32, its manifest says uint16" in capsys.readouterr().err
+
+    tokens = tokens.astype(np.uint16)
+    (out / "part-00000-of-00002" / "shard-00000.bin").write_bytes(tokens.tobytes())
+    damaged = lengths.copy()
+    damaged[1], damaged[2] = -2, lengths[1] + lengths[2] + 2  # the lengths still sum to the token count
+    indexed_dataset.write_index(prefix + ".idx", np.uint16, damaged, documents)
+    assert main(["prepare", "merge", str(out), "--reshard"]) == 2
+    assert "shard-00000.idx: sequence 1 (length -2" in capsys.readouterr().err
