@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Optional
@@ -81,6 +82,11 @@ def init_distributed(timeout_s: int, cpu_shm_allreduce: bool = False) -> DistCon
 
     if not cpu_shm_allreduce:
         disable_shm_comm()
+    # DeepSpeed 0.19.8 calls the collectives torch 2.13 renamed: a FutureWarning per process the user can do
+    # nothing about, at the top of every training log
+    for renamed in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=f".*torch.distributed.{renamed}` is deprecated",
+                                category=FutureWarning)
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     return context
 
