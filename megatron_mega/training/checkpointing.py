@@ -189,7 +189,10 @@ def made_by_rank_0(done: str, make: Callable[[], None], rank: int, what: str) ->
                     note = json.load(fh)
                 if note.get("config_error"):
                     raise TrainConfigError(note["message"])
-                raise RuntimeError(f"rank 0 could not make {what}: {note['message'][-2000:]}")
+                message = note["message"]
+                if len(message) > 2000:  # its first line says what failed, its end why
+                    message = f"{message[:400]} [...] {message[-1500:]}"
+                raise RuntimeError(f"rank 0 could not make {what}: {message}")
             time.sleep(_POLL_S)
     dist.barrier()
 

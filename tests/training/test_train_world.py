@@ -381,6 +381,11 @@ def world2(tiny_dict, tmp_path_factory):
         # 23: ZeRO-0 stopped at step 3, resumed by test_resume_with_another_data_parallel_size in one process
         job(tiny_dict, parallel__zero_stage=0, checkpoint__dir=str(out / "relayout0"), checkpoint__exit_at_step=3,
             **steps),
+        # 24, 25: ZeRO-2 stopped at step 3; a universal resume of it after its optimizer file was damaged
+        job(tiny_dict, parallel__zero_stage=2, checkpoint__dir=str(out / "universal_bad"), checkpoint__exit_at_step=3,
+            **steps),
+        {**job(tiny_dict, "damaged_optimizer", parallel__zero_stage=2, checkpoint__dir=str(out / "universal_bad"),
+               checkpoint__universal=True, **steps), "raises": True, "all_ranks": True},
     ]
     return run_jobs(2, jobs, str(out)), out
 
@@ -528,6 +533,18 @@ def test_every_rank_resumes_through_a_universal_checkpoint_rank_0_makes(world2):
     assert (out / "universal" / "step00000003-universal" / "zero").is_dir()
     assert not (out / "universal" / "step00000003-universal.failed").exists()
     assert [resumed["losses"][str(s)] for s in (4, 5, 6)] == pytest.approx(losses(results[1])[3:], rel=0, abs=1e-5)
+
+
+def test_a_failed_universal_conversion_fails_every_rank_with_its_message(world2):
+    """Rank 0's conversion fails on a damaged optimizer file: rank 1, waiting on the file system, stops with rank
+    0's message at once (in a barrier it waited for the collective timeout)."""
+    _, out = world2
+    rank0 = json.loads((out / "job25-rank0.json").read_text())["raised"]
+    rank1 = json.loads((out / "job25-rank1.json").read_text())["raised"]
+    assert rank0.startswith("RuntimeError: converting ") and "to a universal checkpoint failed" in rank0
+    assert rank1.startswith("RuntimeError: rank 0 could not make the universal checkpoint of ")
+    assert "to a universal checkpoint failed" in rank1
+    assert not (out / "universal_bad" / "step00000003-universal").exists()
 
 
 def test_a_new_run_on_two_ranks_starts_from_another_runs_checkpoint(world2):

@@ -222,7 +222,24 @@ class OlderCodeTrainer(Trainer):
         return folder
 
 
-TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "final_state": FinalStateTrainer,
+class DamagedOptimizerTrainer(Trainer):
+    """Resumes after rank 0 cut its checkpoint's first optimizer file in half (a copy that went wrong)."""
+
+    def train(self):
+        from megatron_mega.training import checkpointing
+
+        ck = self.config.checkpoint.dir
+        if self.context.rank == 0:
+            folder = os.path.join(ck, checkpointing.latest_tag(ck))
+            path = os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith("optim_states.pt"))[0])
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) // 2)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return super().train()
+
+
+TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "damaged_optimizer": DamagedOptimizerTrainer, "final_state": FinalStateTrainer,
             "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer, "slow": SlowTrainer,
             "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
