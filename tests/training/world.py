@@ -239,9 +239,9 @@ class DamagedOptimizerTrainer(Trainer):
         return super().train()
 
 
-TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "damaged_optimizer": DamagedOptimizerTrainer, "final_state": FinalStateTrainer,
-            "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer, "slow": SlowTrainer,
-            "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
+TRAINERS = {"plain": Trainer, "older_code": OlderCodeTrainer, "damaged_optimizer": DamagedOptimizerTrainer,
+            "final_state": FinalStateTrainer, "nan": NanTrainer, "signal": SignalTrainer, "hang": HangTrainer,
+            "slow": SlowTrainer, "watched": WatchedTrainer, "nan_grad": GradNanTrainer, "pipe_inf": PipeInfTrainer}
 
 
 def _worker(rank: int, world_size: int, port: int, jobs: list, out_dir: str) -> None:
