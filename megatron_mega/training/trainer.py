@@ -42,6 +42,7 @@ from megatron_mega.training.ds_config import (accumulation_to_keep, build_ds_con
                                                gradient_accumulation_dtype)
 from megatron_mega.training.flops import train_flops
 from megatron_mega.training.lr_schedule import WarmupDecay
+from megatron_mega.training.memory_reports import without_memory_reports
 from megatron_mega.training.metrics import MetricsWriter, peak_tflops
 from megatron_mega.training.signals import StopRequest
 from megatron_mega.training.weight_decay import param_groups, rule_of_checkpoint
@@ -408,8 +409,9 @@ class Trainer:
         rates = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["lr"] = 0.0
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+        with without_memory_reports():
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
         for group, rate in zip(optimizer.param_groups, rates):
             group["lr"] = rate
         self._undo_initial_step(optimizer)

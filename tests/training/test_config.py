@@ -344,3 +344,20 @@ def test_no_empty_parameter_group():
     groups = param_groups(nn.Embedding(10, 4), weight_decay=0.1)
     assert [g["weight_decay"] for g in groups] == [0.1] and len(groups[0]["params"]) == 1
     assert [g["weight_decay"] for g in param_groups(nn.Linear(4, 4), 0.1)] == [0.1, 0.0]
+
+
+def test_deepspeeds_memory_reports_are_dropped_and_other_output_kept(capsys):
+    """BF16_Optimizer prints five memory reports (three lines each) with print() while it is built: the real
+    function's output is dropped, lines printed around it are kept."""
+    from deepspeed.runtime.utils import see_memory_usage
+
+    from megatron_mega.training.memory_reports import without_memory_reports
+
+    with without_memory_reports():
+        print("before")
+        see_memory_usage("begin bf16_optimizer", force=True)
+        see_memory_usage("before initializing group 0", force=True)
+        print("MA is not a report by itself")
+    out = capsys.readouterr().out
+    assert "before\nMA is not a report by itself\n" in out
+    assert "bf16_optimizer" not in out and "initializing group" not in out and "CPU Virtual Memory" not in out
