@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
 
 import torch
 
@@ -35,6 +36,12 @@ ARCHITECTURE_FIELDS = (
     "nffn_hidden_size", "normalize_before_ffn", "max_positions", "add_token_type_embeddings", "type_vocab_size",
     "relative_positional_bias", "add_lm_hidden_dense_layer", "is_decoder", "tie_word_embeddings",
 )
+
+
+def architecture_differences(theirs: MegaConfig, ours: MegaConfig) -> list[tuple[str, Any, Any]]:
+    """(field, their value, our value) for every architecture field on which the two configs disagree."""
+    return [(name, getattr(theirs, name), getattr(ours, name)) for name in ARCHITECTURE_FIELDS
+            if getattr(theirs, name) != getattr(ours, name)]
 
 
 def check_hf_directory(directory: str) -> dict:
@@ -105,8 +112,8 @@ def _initial_lm_state(directory: str, model_config: MegaConfig, objective: str, 
         saved = MegaConfig.from_dict(check_hf_directory(directory))
     except ConfigError as err:
         raise CheckpointError(f"{os.path.join(directory, 'config.json')}: {err}") from None
-    different = [f"{name} ({getattr(saved, name)!r} there, {getattr(model_config, name)!r} here)"
-                 for name in ARCHITECTURE_FIELDS if getattr(saved, name) != getattr(model_config, name)]
+    different = [f"{name} ({there!r} there, {here!r} here)"
+                 for name, there, here in architecture_differences(saved, model_config)]
     if different:
         raise CheckpointError(f"{directory}: its architecture differs from the training config's model section: "
                               f"{'; '.join(different)}")

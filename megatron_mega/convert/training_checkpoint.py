@@ -172,7 +172,7 @@ def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
     """(the complete state dict of the training LM, the step it was saved at) for a fresh run that starts from the
     weights of another run's checkpoint (`checkpoint.init_from_checkpoint`). The architecture and the objective
     must be the run's; a change of either is one error naming the field."""
-    from megatron_mega.convert.hf_import import ARCHITECTURE_FIELDS
+    from megatron_mega.convert.hf_import import architecture_differences
     from megatron_mega.training import checkpointing
 
     field = "checkpoint.init_from_checkpoint"
@@ -192,8 +192,8 @@ def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
         raise TrainingCheckpointError(
             f"{field}: {weights.tag_dir} trained the {weights.objective} objective, this run the {objective} "
             f"one{hint}")
-    different = [f"model.{name}: {getattr(weights.config, name)!r} there, {getattr(model_config, name)!r} here"
-                 for name in ARCHITECTURE_FIELDS if getattr(weights.config, name) != getattr(model_config, name)]
+    different = [f"model.{name}: {there!r} there, {here!r} here"
+                 for name, there, here in architecture_differences(weights.config, model_config)]
     if different:
         raise TrainingCheckpointError(f"{field}: {weights.tag_dir} has another architecture: "
                                       f"{'; '.join(different)}")

@@ -773,7 +773,7 @@ class Trainer:
         """A run resumes with the architecture it was saved with: a changed model field is one error naming it,
         not DeepSpeed's size-mismatch traceback from deep inside the load (or a silent change, for fields that
         keep the shapes, such as the attention's activation)."""
-        from megatron_mega.convert.hf_import import ARCHITECTURE_FIELDS
+        from megatron_mega.convert.hf_import import architecture_differences
 
         from megatron_mega.model.config import ConfigError, MegaConfig
 
@@ -784,9 +784,8 @@ class Trainer:
             theirs = None
         if theirs is None:
             return
-        ours = self.config.model
-        changed = [f"model.{name}: {getattr(ours, name)!r} here, {getattr(theirs, name)!r} in the checkpoint"
-                   for name in ARCHITECTURE_FIELDS if getattr(theirs, name) != getattr(ours, name)]
+        changed = [f"model.{name}: {here!r} here, {there!r} in the checkpoint"
+                   for name, there, here in architecture_differences(theirs, self.config.model)]
         if changed:
             raise TrainConfigError(f"{'; '.join(changed)} ({where}); a run resumes with the model it saved: use "
                                    f"another checkpoint.dir, or checkpoint.load=null to start afresh")
