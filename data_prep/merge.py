@@ -24,7 +24,7 @@ import numpy as np
 
 from data_prep.errors import PrepareError
 from data_prep.records import Problems
-from data_prep.tokenize import STATE_DIR, read_json
+from data_prep.tokenize import STATE_DIR, documents_that_fit, read_json
 from megatron_mega.atomic_io import atomic_write_text
 from megatron_mega.data import indexed_dataset
 from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, sha256_file
@@ -126,18 +126,15 @@ def _one_sequence_documents(dataset: indexed_dataset.IndexedDataset) -> bool:
 
 def _copy_runs(dataset: indexed_dataset.IndexedDataset, shard_tokens: int, room_for, current) -> int:
     """Copy the documents of a shard whose documents are single sequences laid back to back, a run of whole
-    documents at a time: each run is what fits in the current output shard by the one-document rule (a document
-    goes to a new shard when it would take the current one past shard_tokens), found by a binary search in the
-    cumulative lengths. Returns the number of oversized documents."""
+    documents at a time: each run is what fits in the current output shard by the rule `prepare tokenize` cuts
+    by (documents_that_fit). Returns the number of oversized documents."""
     lengths = dataset.sequence_lengths.astype(np.int64)
     ends = np.cumsum(lengths)
     position, count = 0, len(lengths)
     while position < count:
         room_for(int(lengths[position]))
         writer, digest = current()
-        before = int(ends[position - 1]) if position else 0
-        stop = int(np.searchsorted(ends, before + shard_tokens - writer.num_tokens, side="right"))
-        stop = max(stop, position + 1)  # an oversized document alone in a fresh shard
+        stop = documents_that_fit(ends, position, shard_tokens, writer.num_tokens)
         tokens = dataset.tokens_between(position, stop)
         writer.add_documents(tokens, lengths[position:stop])
         digest.update(memoryview(np.ascontiguousarray(tokens)).cast("B"))

@@ -307,6 +307,15 @@ def _results(batches: Iterator[list], pool, tokenizer: Tokenizer, text_key: str,
 # ---- the shard writer -------------------------------------------------------------------------------------------
 
 
+def documents_that_fit(ends: np.ndarray, start: int, shard_tokens: int, in_shard: int) -> int:
+    """The end (exclusive) of the run of documents from `start` that the shard being written takes, by the rule
+    every shard is cut by: a document that would take a shard holding `in_shard` tokens past `shard_tokens` starts
+    the next one, and an oversized document sits alone in a fresh shard. `ends`: the documents' cumulative lengths.
+    (The caller has already started a new shard when document `start` does not fit the current one.)"""
+    before = int(ends[start - 1]) if start else 0
+    return max(start + 1, int(np.searchsorted(ends, before + shard_tokens - in_shard, side="right")))
+
+
 class ShardCutter:
     """Appends documents in order; closes a shard when the next document would take it past `shard_tokens`."""
 
@@ -326,9 +335,8 @@ class ShardCutter:
 
     def add_run(self, tokens: np.ndarray, lengths: np.ndarray, positions: list[tuple[int, int]]) -> None:
         """Documents with no skipped record between them: `tokens` back to back, `lengths` theirs, `positions`
-        their (source, record). Cut by the one-document rule (a document that would take the shard past
-        shard_tokens starts the next one; an oversized document sits alone), a shard's share at a time: one
-        binary search, one write and one hash update per share instead of per document."""
+        their (source, record). Cut by documents_that_fit, a shard's share at a time: one binary search, one
+        write and one hash update per share instead of per document."""
         ends = np.cumsum(lengths)
         start, count = 0, len(lengths)
         while start < count:
@@ -342,8 +350,7 @@ class ShardCutter:
                 prefix = os.path.join(self.out, f"shard-{len(self.finished):05d}")
                 self.writer = indexed_dataset.IndexedDatasetWriter(prefix, self.dtype)
                 self.digest = hashlib.sha256()
-            room = before + self.shard_tokens - self.writer.num_tokens
-            stop = max(start + 1, int(np.searchsorted(ends, room, side="right")))
+            stop = documents_that_fit(ends, start, self.shard_tokens, self.writer.num_tokens)
             share = np.ascontiguousarray(tokens[before:int(ends[stop - 1])], dtype=self.dtype)
             self.writer.add_documents(share, lengths[start:stop])
             self.digest.update(memoryview(share).cast("B"))
