@@ -103,10 +103,8 @@ def build_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
     if stage != config.parallel.zero_stage:
         raise TrainConfigError(f"deepspeed.zero_optimization.stage: {stage} disagrees with parallel.zero_stage "
                                f"{config.parallel.zero_stage}")
-    accumulation = (extra.get("data_types") or {}).get("grad_accum_dtype") if isinstance(extra.get("data_types"),
-                                                                                       dict) else None
-    if (dtype == "bf16" and config.parallel.pipeline_stages > 1 and accumulation is not None
-            and _DTYPE_NAMES.get(str(accumulation).lower()) == "fp32"):
+    if (dtype == "bf16" and config.parallel.pipeline_stages > 1 and isinstance(extra.get("data_types"), dict)
+            and gradient_accumulation_dtype({**ds, "data_types": extra["data_types"]}) == "fp32"):
         raise TrainConfigError(
             "deepspeed.data_types.grad_accum_dtype: fp32 with bf16 pipeline stages runs DeepSpeed's BF16_Optimizer "
             "on the pipeline, which drops the gradients of the LM head's bias and the last stage's share of the "

@@ -51,11 +51,6 @@ def rule_of_checkpoint(trainer_state: Optional[dict[str, Any]]) -> str:
     return rule
 
 
-def group_weight_decays(weight_decay: float) -> tuple[float, float]:
-    """The weight decay of each of `param_groups`' groups, in order: the decayed ones', then the rest's."""
-    return weight_decay, 0.0
-
-
 def param_groups(model: nn.Module, weight_decay: float, rule: str = DEFAULT_RULE) -> list[dict[str, Any]]:
     """The decayed parameters, then the others. A group with no parameter is left out: a pipeline stage holding
     only the embedding has no undecayed parameter, and DeepSpeed drops an empty group, which then disagreed with
@@ -65,4 +60,4 @@ def param_groups(model: nn.Module, weight_decay: float, rule: str = DEFAULT_RULE
         if p.requires_grad:
             (decay if is_decayed(name, p, rule) else no_decay).append(p)
     return [{"params": params, "weight_decay": wd}
-            for params, wd in zip((decay, no_decay), group_weight_decays(weight_decay)) if params]
+            for params, wd in ((decay, weight_decay), (no_decay, 0.0)) if params]
