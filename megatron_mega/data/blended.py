@@ -12,12 +12,15 @@ The blend order is deterministic (no seed): each component is shuffled by the se
 
 from __future__ import annotations
 
-from array import array
-from typing import Optional, Sequence
+import functools
+import logging
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from megatron_mega.data.index_cache import CachedIndices, IndexCache
+from megatron_mega.data.index_cache import Allocate, CachedIndices, IndexCache, in_memory
+
+logger = logging.getLogger(__name__)
 
 BLEND_VERSION = 1
 
@@ -29,42 +32,63 @@ def normalize_weights(weights: Sequence[float]) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def build_blending_indices(weights: Sequence[float], size: int) -> dict[str, np.ndarray]:
-    """dataset_index[n]: which dataset serves blended sample n; dataset_sample_index[n]: its sample number there
-    (0, 1, 2, ... per dataset, in order)."""
-    weights = normalize_weights(weights)
-    active = [i for i, w in enumerate(weights) if w > 0]
-    k = len(active)
-    lead = 1.0 - 1.0 / (2 * (k - 1)) if k > 1 else 0.0  # Tijdeman's bound D; eligible at deficit >= 1 - D
-    threshold = 1.0 - lead
-    inverse = {i: 1.0 / weights[i] for i in active}
-    counts = [0] * len(weights)
-    chosen = array("h" if len(weights) < 2 ** 15 else "i")
-    for t in range(1, size + 1):
+def _tijdeman_walk(weights: np.ndarray, inverse: np.ndarray, active: np.ndarray, lead: float, threshold: float,
+                   counts: np.ndarray, dataset_index: np.ndarray, dataset_sample_index: np.ndarray) -> None:
+    """The blend's samples in order; compiled by numba when it is installed (a few ns a sample instead of ~1 us,
+    which is ~20 min once for a billion samples), the same floating-point operations either way."""
+    for n in range(len(dataset_index)):
+        t = n + 1
         best, due = -1, 0.0
         slack = 1e-12 * t  # float round-off of weight * t
-        for i in active:
+        for j in range(len(active)):
+            i = active[j]
             c = counts[i]
             if weights[i] * t - c >= threshold - slack:
                 d = (c + lead) * inverse[i]
                 if best < 0 or d < due:
                     best, due = i, d
-        if best < 0:  # cannot happen in exact arithmetic (Tijdeman's theorem); round-off guard
-            best = max(active, key=lambda i: weights[i] * t - counts[i])
-        chosen.append(best)
+        if best < 0:  # cannot happen in exact arithmetic (Tijdeman's theorem); round-off guard: the largest deficit
+            best = active[0]
+            for j in range(1, len(active)):
+                if weights[active[j]] * t - counts[active[j]] > weights[best] * t - counts[best]:
+                    best = active[j]
+        dataset_index[n] = best
+        dataset_sample_index[n] = counts[best]
         counts[best] += 1
-    dataset_index = np.frombuffer(chosen, dtype=np.int16 if chosen.typecode == "h" else np.int32).copy()
-    dataset_sample_index = np.empty(size, dtype=np.int64)
-    for i in active:
-        where = dataset_index == i
-        dataset_sample_index[where] = np.arange(int(where.sum()), dtype=np.int64)
+
+
+@functools.cache
+def _compiled_walk() -> Callable[..., None]:
+    try:
+        import numba
+    except ImportError:
+        logger.warning("numba is not installed: the blend index is built in Python, about 1 us a sample")
+        return _tijdeman_walk
+    return numba.njit(cache=True, nogil=True)(_tijdeman_walk)
+
+
+def build_blending_indices(weights: Sequence[float], size: int,
+                           allocate: Allocate = in_memory) -> dict[str, np.ndarray]:
+    """dataset_index[n]: which dataset serves blended sample n; dataset_sample_index[n]: its sample number there
+    (0, 1, 2, ... per dataset, in order)."""
+    weights = normalize_weights(weights)
+    active = np.asarray([i for i, w in enumerate(weights) if w > 0], dtype=np.int64)
+    k = len(active)
+    lead = 1.0 - 1.0 / (2 * (k - 1)) if k > 1 else 0.0  # Tijdeman's bound D; eligible at deficit >= 1 - D
+    weights_array = np.asarray(weights, dtype=np.float64)
+    inverse = np.zeros_like(weights_array)
+    inverse[active] = 1.0 / weights_array[active]
+    dataset_index = allocate("dataset_index", size, np.int16 if len(weights) < 2 ** 15 else np.int32)
+    dataset_sample_index = allocate("dataset_sample_index", size, np.int64)
+    _compiled_walk()(weights_array, inverse, active, lead, 1.0 - lead, np.zeros(len(weights), dtype=np.int64),
+                     dataset_index.view(np.ndarray), dataset_sample_index.view(np.ndarray))
     return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
 
 
 def load_blending_indices(cache: IndexCache, weights: Sequence[float], size: int) -> CachedIndices:
     """The blend for `weights` and `size`, from the cache (it depends on nothing else)."""
     description = {"version": BLEND_VERSION, "weights": normalize_weights(weights), "size": int(size)}
-    return cache.load_or_build("blend", description, lambda: build_blending_indices(weights, size))
+    return cache.load_or_build("blend", description, lambda allocate: build_blending_indices(weights, size, allocate))
 
 
 _COUNT_BLOCK = 1 << 22

@@ -76,15 +76,19 @@ class DocumentSource:
                 shard.check_layout()
             self._layout_checked = True
 
-    def document_lengths(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
-        """Token counts of documents `start:stop` (int64, a copy)."""
+    def document_lengths(self, start: int = 0, stop: Optional[int] = None, dtype=np.int64) -> np.ndarray:
+        """Token counts of documents `start:stop`, a copy in `dtype`; int64 instead when a count does not fit
+        (a document of several sequences: one sequence's count is an int32 in the index)."""
         stop = self.num_documents if stop is None else stop
-        parts = []
+        out = np.empty(max(stop - start, 0), dtype=dtype)
         for k, lengths in enumerate(self._lengths):
             lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
             if lo < hi:
-                parts.append(np.asarray(lengths[lo - self._starts[k]:hi - self._starts[k]], dtype=np.int64))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+                piece = lengths[lo - self._starts[k]:hi - self._starts[k]]
+                if piece.dtype.itemsize > out.dtype.itemsize and int(piece.max()) > np.iinfo(out.dtype).max:
+                    return self.document_lengths(start, stop)
+                out[lo - start:hi - start] = piece
+        return out
 
     def token_count(self, start: int = 0, stop: Optional[int] = None) -> int:
         """Tokens in documents `start:stop`, summed shard by shard from the memory-mapped index: no copy of the

@@ -28,7 +28,7 @@ import numpy as np
 
 from megatron_mega.data import seeding
 from megatron_mega.data.documents import DocumentSource
-from megatron_mega.data.index_cache import IndexCache
+from megatron_mega.data.index_cache import Allocate, IndexCache, in_memory
 
 INDEX_VERSION = 2  # bump when the index algorithm changes: it is part of every cache key
 
@@ -64,29 +64,40 @@ def _int_dtype(max_value: int) -> np.dtype:
     return np.dtype(np.int32) if max_value < 2 ** 31 else np.dtype(np.int64)
 
 
-_CHUNK = 1 << 22  # document-index entries cumulated at once when building the sample index
+_CHUNK = 1 << 22  # index entries computed at once: the temporaries stay a few tens of MB at any size
+
+
+def _fill_arange(out: np.ndarray, start: int) -> None:
+    """out[:] = start + arange(len(out)), a chunk at a time (np.arange alone is 8 bytes an entry, at once)."""
+    for lo in range(0, len(out), _CHUNK):
+        hi = min(len(out), lo + _CHUNK)
+        out[lo:hi] = np.arange(start + lo, start + hi, dtype=np.int64)
 
 
 def build_gpt_indices(lengths: np.ndarray, first_document: int, seq_len: int, num_samples: int, seed: int,
-                      stream: int) -> dict[str, np.ndarray]:
+                      stream: int, allocate: Allocate = in_memory) -> dict[str, np.ndarray]:
     """The three indices for documents `first_document + arange(len(lengths))` of token counts `lengths`.
 
     Each random stream is drawn epoch after epoch, so the indices of an epoch never depend on how many follow it.
+    The arrays come from `allocate` (memory-mapped files in a cache) and are shuffled there in place: RandomState's
+    shuffle draws the same swaps as its permutation, whatever the array's integer type.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    num_documents, tokens_per_epoch = len(lengths), int(lengths.sum())
+    lengths = np.asarray(lengths)
+    num_documents, tokens_per_epoch = len(lengths), int(lengths.sum(dtype=np.int64))
     epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
     stop = first_document + num_documents
     parts = (seed, stream, first_document, stop)
 
-    document_index = np.empty(epochs * num_documents, dtype=_int_dtype(stop))
-    documents = np.arange(first_document, stop, dtype=document_index.dtype)
+    document_index = allocate("document_index", epochs * num_documents, _int_dtype(stop))
     rng = seeding.random_state(seeding.DOCUMENT_SHUFFLE, *parts)
     for epoch in range(epochs):
-        document_index[epoch * num_documents:(epoch + 1) * num_documents] = rng.permutation(documents)
+        order = document_index[epoch * num_documents:(epoch + 1) * num_documents]
+        _fill_arange(order, first_document)
+        rng.shuffle(order.view(np.ndarray))  # a memmap subclass would take numpy's slow generic path
 
     count = (epochs * tokens_per_epoch - 1) // seq_len  # samples; the last needs the token after its last target
-    sample_index = np.empty((count + 1, 2), dtype=_int_dtype(max(epochs * num_documents, int(lengths.max()))))
+    sample_index = allocate("sample_index", (count + 1, 2),
+                            _int_dtype(max(epochs * num_documents, int(lengths.max()))))
     per_chunk = max(1, _CHUNK // num_documents)  # whole epochs, several at once when the split is small
     for e0 in range(0, epochs, per_chunk):
         e1 = min(epochs, e0 + per_chunk)
@@ -94,21 +105,24 @@ def build_gpt_indices(lengths: np.ndarray, first_document: int, seq_len: int, nu
         if lo >= hi:
             continue
         chunk_lengths = lengths[document_index[e0 * num_documents:e1 * num_documents] - first_document]
-        ends = np.cumsum(chunk_lengths)
+        ends = np.cumsum(chunk_lengths, dtype=np.int64)
         within = np.arange(lo, hi, dtype=np.int64) * seq_len - e0 * tokens_per_epoch
         position = np.searchsorted(ends, within, side="right")  # skips empty documents
         sample_index[lo:hi, 0] = e0 * num_documents + position
         sample_index[lo:hi, 1] = within - (ends[position] - chunk_lengths[position])
 
-    shuffle_index = np.arange(count, dtype=_int_dtype(count))
+    shuffle_index = allocate("shuffle_index", count, _int_dtype(count))
     rng = seeding.random_state(seeding.SAMPLE_SHUFFLE, *parts)
     # the first sample ending in each epoch: sample i ends at token (i + 1) * seq_len, in epoch e from
     # i = ceil(e * T / L) - 1 on; the last epoch's block ends at count, whether or not more epochs follow
     bounds = np.maximum(-(-np.arange(epochs + 1, dtype=np.int64) * tokens_per_epoch // seq_len) - 1, 0)
     assert bounds[-1] == count
-    for epoch in np.flatnonzero(np.diff(bounds) > 1):  # blocks of one sample stay in place
+    for epoch in range(epochs):
         lo, hi = int(bounds[epoch]), int(bounds[epoch + 1])
-        shuffle_index[lo:hi] = lo + rng.permutation(hi - lo)
+        block = shuffle_index[lo:hi]
+        _fill_arange(block, lo)
+        if hi - lo > 1:  # blocks of one sample stay in place, and draw nothing
+            rng.shuffle(block.view(np.ndarray))
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
 
@@ -137,16 +151,16 @@ class GPTDataset:
         description = gpt_index_description(source, documents, seq_len, num_samples, seed)
         stream = int(source.identity[:15], 16)  # decorrelates datasets of equal size under one seed
 
-        def build() -> dict[str, np.ndarray]:
-            # the documents' lengths only where the indices are built: a copy of 8 bytes a document, in every
+        def build(allocate: Allocate) -> dict[str, np.ndarray]:
+            # the documents' lengths only where the indices are built: a copy of 4 bytes a document, in every
             # process, for indices most processes load from the cache. The whole index is checked here too, so a
             # damaged one fails now, naming its file, not in a loader worker mid-training
             source.check_layout()
-            lengths = source.document_lengths(documents.start, documents.stop)
-            if int(lengths.sum()) == 0:
+            lengths = source.document_lengths(documents.start, documents.stop, dtype=np.int32)
+            if int(lengths.sum(dtype=np.int64)) == 0:
                 raise DatasetError(
                     f"{source.path} ({split}): documents {documents.start}..{documents.stop - 1} are empty")
-            return build_gpt_indices(lengths, documents.start, seq_len, num_samples, seed, stream)
+            return build_gpt_indices(lengths, documents.start, seq_len, num_samples, seed, stream, allocate)
 
         self.indices = cache.load_or_build("gpt", description, build)
         self._bind()

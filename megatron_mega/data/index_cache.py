@@ -6,6 +6,10 @@
 
 The description never contains the data-parallel layout, so every rank of every layout shares one entry. No process
 group is needed: ranks on one file system serialise on the lock, ranks on separate disks build identical entries.
+
+A builder writes its arrays straight into their files, through the `allocate` it is given (memory-mapped .npy files
+under temporary names, renamed into place once the build returns): an index of billions of samples is never held
+twice in memory, once built and once being saved, and its pages are file-backed, which the kernel can write out.
 """
 
 from __future__ import annotations
@@ -13,16 +17,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from filelock import FileLock, Timeout
 
-from megatron_mega.atomic_io import atomic_write_text, atomic_write_with
+from megatron_mega.atomic_io import atomic_path, atomic_write_text
+
 
 logger = logging.getLogger(__name__)
+
+
+class Allocate(Protocol):
+    """`allocate(array, shape, dtype)`: an uninitialised array the builder fills and returns under that name."""
+
+    def __call__(self, array: str, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray: ...
+
+
+def in_memory(array: str, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
+    """The `Allocate` for a build outside any cache (tests, benchmarks)."""
+    return np.empty(shape, dtype=dtype)
 
 
 class IndexCacheError(RuntimeError):
@@ -60,8 +77,9 @@ class IndexCache:
         return f"{kind}-{description_hash({'kind': kind, **description})}"
 
     def load_or_build(self, kind: str, description: dict[str, Any],
-                      build: Callable[[], dict[str, np.ndarray]]) -> CachedIndices:
-        """Load the entry for `description`, building it with `build()` under the lock when it is missing."""
+                      build: Callable[[Allocate], dict[str, np.ndarray]]) -> CachedIndices:
+        """Load the entry for `description`, building it with `build(allocate)` under the lock when it is missing.
+        `build` returns its arrays by name; those it got from `allocate` are already in their files."""
         name = self.entry_name(kind, description)
         marker = os.path.join(self.directory, f"{name}.json")
         if os.path.exists(marker):
@@ -86,15 +104,34 @@ class IndexCache:
         return loaded
 
     def _build(self, name: str, kind: str, description: dict[str, Any],
-               build: Callable[[], dict[str, np.ndarray]], marker: str) -> None:
+               build: Callable[[Allocate], dict[str, np.ndarray]], marker: str) -> None:
         logger.info("building index %s in %s", name, self.directory)
-        arrays = build()
-        for array, value in arrays.items():
-            atomic_write_with(os.path.join(self.directory, f"{name}-{array}.npy"),
-                              lambda tmp, value=value: _save(tmp, value))
+        with contextlib.ExitStack() as files:  # each temporary renamed into place on success, removed on error
+            mapped: dict[str, np.ndarray] = {}
+
+            def allocate(array: str, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
+                if array in mapped:
+                    raise ValueError(f"index array {array!r} allocated twice")
+                tmp = files.enter_context(atomic_path(self._array_path(name, array)))
+                shape = tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+                mapped[array] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
+                return mapped[array]
+
+            arrays = build(allocate)
+            unreturned = sorted(set(mapped) - set(arrays))
+            if unreturned:
+                raise ValueError(f"index {name}: arrays allocated but not returned: {unreturned}")
+            for array, value in arrays.items():
+                if array in mapped and value is mapped[array]:
+                    _sync(value)
+                else:  # built in memory
+                    _save(files.enter_context(atomic_path(self._array_path(name, array))), value)
         # the marker last: a process that finds it finds every array written
         record = {"kind": kind, "description": description, "arrays": sorted(arrays)}
         atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def _array_path(self, name: str, array: str) -> str:
+        return os.path.join(self.directory, f"{name}-{array}.npy")
 
     def _load(self, name: str, description: dict[str, Any]) -> CachedIndices:
         marker = os.path.join(self.directory, f"{name}.json")
@@ -104,12 +141,19 @@ class IndexCache:
             raise IndexCacheError(f"{marker}: describes {record.get('description')}, expected {description}")
         arrays = {}
         for array in record["arrays"]:
-            path = os.path.join(self.directory, f"{name}-{array}.npy")
+            path = self._array_path(name, array)
             try:
                 arrays[array] = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as err:
                 raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
         return CachedIndices(name=name, arrays=arrays, built=False, directory=self.directory)
+
+
+def _sync(array: np.ndarray) -> None:
+    """A memory-mapped array's pages on disk before its file is renamed into place."""
+    array.flush()  # type: ignore[attr-defined]
+    with open(array.filename, "rb") as fh:  # type: ignore[attr-defined]
+        os.fsync(fh.fileno())
 
 
 def _save(path: str, array: np.ndarray) -> None:

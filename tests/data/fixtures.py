@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -43,3 +44,12 @@ def make_manifest(root, documents, shards: int = 1, vocab: int = 1000, tokenizer
                               unk_id=UNK, mask_id=mask_id, model_file="tokenizer.model")
     Manifest(tokenizer=tokenizer, dtype="uint16", shards=entries, root=root).save()
     return root
+
+
+def index_digest(arrays: dict) -> str:
+    """A digest of index arrays: names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name} {array.dtype} {array.shape}".encode() + array.tobytes())
+    return digest.hexdigest()[:16]

@@ -6,7 +6,7 @@ import pytest
 from megatron_mega.data.blended import build_blending_indices
 from megatron_mega.data.builder import build_datasets
 from megatron_mega.data.config import DataConfig
-from tests.data.fixtures import EOS, TOKENIZER_SHA, labelled_documents, make_manifest
+from tests.data.fixtures import EOS, TOKENIZER_SHA, index_digest, labelled_documents, make_manifest
 
 
 def prefix_deviation(dataset_index, weights):
@@ -73,3 +73,33 @@ def test_samples_per_dataset_counts_block_by_block(monkeypatch):
     indices = CachedIndices("blend-test", arrays, built=True, directory="")
     monkeypatch.setattr(blended, "_COUNT_BLOCK", 64)  # 16 blocks, the last one short
     assert blended.samples_per_dataset(indices, 4) == np.bincount(arrays["dataset_index"], minlength=4).tolist()
+
+
+def test_blends_of_this_version_never_change():
+    """BLEND_VERSION keys the cache, so a blend cached by an earlier release is reused: these digests were taken
+    from the pure-Python build that numba's compiled walk replaced."""
+    from megatron_mega.data import blended
+
+    assert blended.BLEND_VERSION == 1
+    assert index_digest(build_blending_indices([0.5, 0.2, 0.3, 1e-3], 5000)) == "0245ca283710daa2"
+    assert index_digest(build_blending_indices([3, 0, 2, 2, 1], 3001)) == "4a0f3346aa47ed3c"
+
+
+def test_the_walk_without_numba_gives_the_same_blend(monkeypatch):
+    """Where numba is missing the same function runs as Python (a warning says so): the same arrays."""
+    import sys
+
+    from megatron_mega.data import blended
+
+    rng = np.random.RandomState(1)
+    cases = [list(rng.random_sample(rng.randint(2, 12)) ** 3) for _ in range(5)] + [[1.0], [2, 0, 1]]
+    assert blended._compiled_walk() is not blended._tijdeman_walk  # numba is a dependency: compiled here
+    compiled = [build_blending_indices(w, 700) for w in cases]
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    blended._compiled_walk.cache_clear()
+    try:
+        assert blended._compiled_walk() is blended._tijdeman_walk
+        for weights, arrays in zip(cases, compiled):
+            assert index_digest(build_blending_indices(weights, 700)) == index_digest(arrays)
+    finally:
+        blended._compiled_walk.cache_clear()

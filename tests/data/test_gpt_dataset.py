@@ -6,11 +6,12 @@ import pickle
 import numpy as np
 import pytest
 
+from megatron_mega.data import gpt_dataset
 from megatron_mega.data.documents import DocumentSource
 from megatron_mega.data.gpt_dataset import DatasetError, GPTDataset, build_gpt_indices, split_document_ranges
 from megatron_mega.data.index_cache import IndexCache
 from megatron_mega.data.indexed_dataset import IndexedDatasetWriter
-from tests.data.fixtures import EOS, make_manifest, random_documents
+from tests.data.fixtures import EOS, index_digest, make_manifest, random_documents
 
 
 def megatron_sample_index(sizes, document_index, seq_length, num_samples):
@@ -165,3 +166,33 @@ def test_token_counts_sum_across_shards_without_copying_the_lengths(source):
     n = source.num_documents
     for start, stop in ((0, n), (0, 1), (3, n - 2), (n // 3, 2 * n // 3 + 1), (5, 5)):
         assert source.token_count(start, stop) == int(lengths[start:stop].sum())
+
+
+def test_indices_of_this_version_never_change():
+    """INDEX_VERSION keys the cache, so a cache built by an earlier release of this version is reused: the build may
+    get faster or leaner (it shuffles in place in memory-mapped files since the digests were taken, with
+    rng.permutation before) but never give other indices. Two epochs and more, an empty document, one-sample blocks."""
+    lengths = np.random.RandomState(0).randint(0, 40, size=37)
+    assert gpt_dataset.INDEX_VERSION == 2
+    assert index_digest(build_gpt_indices(lengths, 11, 16, 300, seed=3, stream=7)) == "3946186afcd56396"
+    assert index_digest(build_gpt_indices(np.array([5, 0, 9, 2]), 0, 64, 3, seed=1, stream=2)) == "8c65996d07be986d"
+
+
+def test_cached_build_equals_the_in_memory_build(source, tmp_path):
+    """Through the cache the arrays are written straight into memory-mapped files, and the lengths are int32."""
+    cached = GPTDataset(source, range(2, 30), 8, 400, seed=4, cache=IndexCache(str(tmp_path / "cache")))
+    direct = build_gpt_indices(source.document_lengths(2, 30), 2, 8, 400, seed=4, stream=int(source.identity[:15], 16))
+    assert cached.num_epochs > 1 and sorted(direct) == sorted(cached.indices.arrays)
+    for name, array in direct.items():
+        assert cached.indices.arrays[name].dtype == array.dtype and np.array_equal(cached.indices.arrays[name], array)
+
+
+def test_document_lengths_in_a_narrower_type_only_when_they_fit(source):
+    lengths = source.document_lengths()
+    narrow = source.document_lengths(3, 30, dtype=np.int32)
+    assert narrow.dtype == np.int32 and np.array_equal(narrow, lengths[3:30])
+    # a document of several sequences can pass 2^31 - 1 tokens: then the counts stay int64
+    source._lengths = [np.asarray(part, dtype=np.int64) for part in source._lengths]
+    source._lengths[0][1] = 2 ** 31
+    wide = source.document_lengths(0, 30, dtype=np.int32)
+    assert wide.dtype == np.int64 and wide[1] == 2 ** 31 and np.array_equal(wide[2:], lengths[2:30])

@@ -90,3 +90,35 @@ def test_concurrent_builders_make_one_cache(tmp_path):
         ".json", "-document_index.npy", "-sample_index.npy", "-shuffle_index.npy"))
     loaded, digest = _build_in_child(manifest, cache_dir, multiprocessing.Queue())
     assert not loaded and digest == outcomes[0][1]
+
+
+def test_arrays_are_built_in_their_files_and_a_failed_build_leaves_nothing(tmp_path):
+    cache = IndexCache(str(tmp_path / "cache"))
+    seen = {}
+
+    def build(allocate):
+        seen["a"] = allocate("a", 5, np.int32)
+        seen["a"][:] = np.arange(5)
+        seen["b"] = allocate("b", (2, 3), np.int64)
+        seen["b"][:] = 7
+        return {"a": seen["a"], "b": seen["b"], "c": np.ones(3)}  # c built in memory
+
+    entry = cache.load_or_build("test", {"n": 1}, build)
+    assert isinstance(seen["a"], np.memmap)  # written in place, not copied into a file afterwards
+    assert entry.built and entry.arrays["a"].tolist() == [0, 1, 2, 3, 4] and entry.arrays["b"].shape == (2, 3)
+    assert entry.arrays["c"].tolist() == [1, 1, 1]
+    suffixes = (".json", "-a.npy", "-b.npy", "-c.npy")
+    assert entry_files(tmp_path / "cache") == sorted(f"{entry.name}{suffix}" for suffix in suffixes)
+
+    def failing(allocate):
+        allocate("a", 1000, np.int64)[:] = 1
+        raise RuntimeError("out of disk")
+
+    with pytest.raises(RuntimeError, match="out of disk"):
+        cache.load_or_build("test", {"n": 2}, failing)
+    assert len(entry_files(tmp_path / "cache")) == 4  # no temporary, no marker of the failed entry
+
+    with pytest.raises(ValueError, match=r"allocated but not returned: \['b'\]"):
+        cache.load_or_build("test", {"n": 3},
+                            lambda allocate: {"a": allocate("a", 1, np.int8), "x": allocate("b", 1, np.int8)})
+    assert len(entry_files(tmp_path / "cache")) == 4
