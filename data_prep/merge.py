@@ -82,10 +82,12 @@ def find_parts(output: str) -> list[str]:
 
 def merge_parts(output: str, reshard: bool = False, checksums: bool = True) -> MergeSummary:
     parts = find_parts(output)
-    settings = [read_json(os.path.join(p, STATE_DIR, "settings.json")) for p in parts]
-    common = {k: v for k, v in settings[0].items() if k not in PER_JOB}
-    for path, part in zip(parts, settings):
-        other = {k: v for k, v in part.items() if k not in PER_JOB}
+    # one part's settings at a time: each holds the whole input list (50k files make ~5 MB of it, a part)
+    common = {k: v for k, v in read_json(os.path.join(parts[0], STATE_DIR, "settings.json")).items()
+              if k not in PER_JOB}
+    for path in parts[1:]:
+        other = {k: v for k, v in read_json(os.path.join(path, STATE_DIR, "settings.json")).items()
+                 if k not in PER_JOB}
         if other != common:
             changed = sorted(k for k in set(other) | set(common) if other.get(k) != common.get(k))
             raise PrepareError(f"{path}: made with other settings than {parts[0]} ({', '.join(changed)} differ)")
