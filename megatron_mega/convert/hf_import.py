@@ -12,6 +12,7 @@ in transformers 4.x only; 5.0 removed it), and weight files in another framework
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,28 +96,43 @@ def initial_lm_state(directory: str, model_config: MegaConfig, objective: str, s
 
     Weights the directory lacks (e.g. the LM head of a classifier checkpoint) keep the seeded initialisation and
     are logged. Raises InitFromHFError (a CheckpointError) naming the file and field of what it refuses."""
+    with _as_init_from_hf_error():
+        return _initial_lm_state(directory, check_init_from_hf(directory, model_config), model_config, objective,
+                                 seed)
+
+
+def check_init_from_hf(directory: str, model_config: MegaConfig) -> MegaConfig:
+    """The config of the directory `checkpoint.init_from_hf` names, from config.json and the safetensors headers
+    alone: its architecture must be the training config's. `train --dry-run` stops here."""
+    from megatron_mega.model.config import ConfigError
+
+    with _as_init_from_hf_error():
+        try:
+            saved = MegaConfig.from_dict(check_hf_directory(directory))
+        except ConfigError as err:
+            raise CheckpointError(f"{os.path.join(directory, 'config.json')}: {err}") from None
+        different = [f"{name} ({there!r} there, {here!r} here)"
+                     for name, there, here in architecture_differences(saved, model_config)]
+        if different:
+            raise CheckpointError(f"{directory}: its architecture differs from the training config's model "
+                                  f"section: {'; '.join(different)}")
+        return saved
+
+
+@contextlib.contextmanager
+def _as_init_from_hf_error():
     try:
-        return _initial_lm_state(directory, model_config, objective, seed)
+        yield
     except InitFromHFError:
         raise
     except CheckpointError as err:
         raise InitFromHFError(f"checkpoint.init_from_hf: {err}") from None
 
 
-def _initial_lm_state(directory: str, model_config: MegaConfig, objective: str, seed: int) -> dict[str, torch.Tensor]:
+def _initial_lm_state(directory: str, saved: MegaConfig, model_config: MegaConfig, objective: str,
+                      seed: int) -> dict[str, torch.Tensor]:
     from megatron_mega.model import MegaForCausalLM, MegaForMaskedLM
 
-    from megatron_mega.model.config import ConfigError
-
-    try:
-        saved = MegaConfig.from_dict(check_hf_directory(directory))
-    except ConfigError as err:
-        raise CheckpointError(f"{os.path.join(directory, 'config.json')}: {err}") from None
-    different = [f"{name} ({there!r} there, {here!r} here)"
-                 for name, there, here in architecture_differences(saved, model_config)]
-    if different:
-        raise CheckpointError(f"{directory}: its architecture differs from the training config's model section: "
-                              f"{'; '.join(different)}")
     cls = MegaForCausalLM if objective == "causal" else MegaForMaskedLM
     torch.manual_seed(seed)
     model = cls(model_config)

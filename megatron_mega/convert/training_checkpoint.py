@@ -129,7 +129,26 @@ def find_tokenizer(weights: TrainingWeights) -> Optional[str]:
     return None
 
 
-def read_training_checkpoint(directory: str, step: Optional[int] = None) -> TrainingWeights:
+@dataclass
+class CheckpointHeader:
+    """What a training checkpoint's trainer_state.json says, before any weight is read."""
+    directory: str  # the run's checkpoint folder
+    tag: str
+    state: dict[str, Any]
+    config: MegaConfig
+    objective: str
+
+    @property
+    def tag_dir(self) -> str:
+        return os.path.join(self.directory, self.tag)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+def read_checkpoint_header(directory: str, step: Optional[int] = None) -> CheckpointHeader:
+    """The trainer state of the run in `directory` (its `latest`, or `step`), checked to be readable."""
     from megatron_mega.training import checkpointing
 
     directory = os.path.abspath(directory)
@@ -147,7 +166,17 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
         config = MegaConfig.from_dict(config_dict["model"])
     except (KeyError, TypeError, ValueError) as err:
         raise TrainingCheckpointError(f"{tag_dir}: trainer_state.json has no usable model config ({err})") from None
-    objective = config_dict.get("objective", "causal")
+    return CheckpointHeader(directory=directory, tag=tag, state=state, config=config,
+                            objective=config_dict.get("objective", "causal"))
+
+
+def read_training_checkpoint(directory: str, step: Optional[int] = None) -> TrainingWeights:
+    return _read_weights(read_checkpoint_header(directory, step))
+
+
+def _read_weights(header: CheckpointHeader) -> TrainingWeights:
+    state, config, objective, tag_dir = header.state, header.config, header.objective, header.tag_dir
+    config_dict = state.get("config") or {}
     layout = dict(state.get("layout") or {})
     stages = int(layout.get("pipeline_stages", 1))
     if stages > 1:
@@ -155,27 +184,26 @@ def read_training_checkpoint(directory: str, step: Optional[int] = None) -> Trai
     elif int(layout.get("zero_stage", 0)) == 1 and (bf16_weights := _bf16_optimizer_weights(tag_dir)) is not None:
         weights = bf16_weights
     elif int(layout.get("zero_stage", 0)) > 0:
-        weights = _zero_weights(directory, tag)
+        weights = _zero_weights(header.directory, header.tag)
     else:
         weights = _module_weights(tag_dir, config, objective, state)
     seq_len = int((config_dict.get("data") or {}).get("seq_len", 0))
     consumed = int(state.get("consumed_samples", 0))
-    return TrainingWeights(config=config, objective=objective, state=weights, step=int(state.get("step", 0)),
+    return TrainingWeights(config=config, objective=objective, state=weights, step=header.step,
                            consumed_samples=consumed, tokens_seen=consumed * seq_len,
                            tokenizer_sha256=state.get("tokenizer_sha256"), tokenizer_path=config_dict.get("tokenizer"),
                            data_paths=list((config_dict.get("data") or {}).get("paths") or []),
                            layout=layout, tag_dir=tag_dir)
 
 
-def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
-                                      objective: str) -> tuple[dict[str, torch.Tensor], int]:
-    """(the complete state dict of the training LM, the step it was saved at) for a fresh run that starts from the
-    weights of another run's checkpoint (`checkpoint.init_from_checkpoint`). The architecture and the objective
-    must be the run's; a change of either is one error naming the field."""
+def check_init_checkpoint(directory: str, model_config: MegaConfig, objective: str) -> CheckpointHeader:
+    """The checkpoint `checkpoint.init_from_checkpoint` names (a run's folder: its `latest`; or one step's folder),
+    from its trainer state alone: the architecture and the objective must be the run's, and a change of either is
+    one error naming the field. `train --dry-run` stops here; a run goes on to read the weights."""
     from megatron_mega.convert.hf_import import architecture_differences
     from megatron_mega.training import checkpointing
 
-    field = "checkpoint.init_from_checkpoint"
+    field_name = "checkpoint.init_from_checkpoint"
     directory, step = os.path.abspath(directory), None
     name = os.path.basename(directory)
     if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)) and \
@@ -183,20 +211,32 @@ def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
         # one step's folder (run/step00000600): that step, not the run's `latest`
         directory, step = os.path.dirname(directory), int(name[len(checkpointing.TAG_PREFIX):])
     try:
-        weights = read_training_checkpoint(directory, step)
+        header = read_checkpoint_header(directory, step)
     except TrainingCheckpointError as err:
-        raise TrainingCheckpointError(f"{field}: {err}") from None
-    if weights.objective != objective:
+        raise TrainingCheckpointError(f"{field_name}: {err}") from None
+    if header.objective != objective:
         hint = (" (`megatron-mega convert --bidirectional-to-causal` turns the encoder into a Hugging Face decoder "
                 "that checkpoint.init_from_hf can start from)" if objective == "causal" else "")
         raise TrainingCheckpointError(
-            f"{field}: {weights.tag_dir} trained the {weights.objective} objective, this run the {objective} "
+            f"{field_name}: {header.tag_dir} trained the {header.objective} objective, this run the {objective} "
             f"one{hint}")
     different = [f"model.{name}: {there!r} there, {here!r} here"
-                 for name, there, here in architecture_differences(weights.config, model_config)]
+                 for name, there, here in architecture_differences(header.config, model_config)]
     if different:
-        raise TrainingCheckpointError(f"{field}: {weights.tag_dir} has another architecture: "
+        raise TrainingCheckpointError(f"{field_name}: {header.tag_dir} has another architecture: "
                                       f"{'; '.join(different)}")
+    return header
+
+
+def lm_state_from_training_checkpoint(directory: str, model_config: MegaConfig,
+                                      objective: str) -> tuple[dict[str, torch.Tensor], int]:
+    """(the complete state dict of the training LM, the step it was saved at) for a fresh run that starts from the
+    weights of another run's checkpoint (`checkpoint.init_from_checkpoint`), checked by check_init_checkpoint."""
+    header = check_init_checkpoint(directory, model_config, objective)
+    try:
+        weights = _read_weights(header)
+    except TrainingCheckpointError as err:
+        raise TrainingCheckpointError(f"checkpoint.init_from_checkpoint: {err}") from None
     return weights.model().state_dict(), weights.step
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from megatron_mega.data import indexed_dataset
 from megatron_mega.data.blended import BlendedDataset, load_blending_indices, samples_per_dataset
 from megatron_mega.data.config import SPLIT_NAMES, DataConfig, DataConfigError
 from megatron_mega.data.documents import DocumentSource, is_manifest_path
@@ -48,7 +49,8 @@ def open_sources(config: DataConfig, tokenizer_sha256: Optional[str]) -> tuple[l
     first_path = None
     for path in config.paths:
         if not is_manifest_path(path):
-            logger.warning("%s: a bare prefix has no manifest, so its tokenizer cannot be checked", path)
+            if indexed_dataset.exists(path):  # a missing path is DocumentSource's one error below
+                logger.warning("%s: a bare prefix has no manifest, so its tokenizer cannot be checked", path)
             continue
         manifest = Manifest.load(path)
         if tokenizer_sha256 is not None:
@@ -76,6 +78,17 @@ def checksum_problems(config: DataConfig, rank: int = 0, world_size: int = 1) ->
             if (problem := manifest.checksum_problem(shard)) is not None]
 
 
+def check_objective(config: DataConfig, tokenizer: Optional[TokenizerInfo]) -> None:
+    """MLM masks with the tokenizer's special ids, which only a manifest records."""
+    if config.objective == "mlm":
+        if tokenizer is None:
+            raise DataConfigError("objective: 'mlm' needs the tokenizer's special ids, so at least one path must be "
+                                  "a manifest")
+        if tokenizer.mask_id is None:
+            raise DataConfigError(f"objective: 'mlm' needs a mask token, and the tokenizer of {config.paths[0]} has "
+                                  f"none (mask_id is null in its manifest)")
+
+
 def build_datasets(config: DataConfig, num_samples: Mapping[str, int],
                    tokenizer_sha256: Optional[str]) -> DatasetSplits:
     """Datasets for each split with num_samples[split] > 0 and a non-zero share in `config.split` (else None).
@@ -87,13 +100,7 @@ def build_datasets(config: DataConfig, num_samples: Mapping[str, int],
     if unknown:
         raise ValueError(f"num_samples: unknown split(s) {unknown}; expected some of {SPLIT_NAMES}")
     sources, tokenizer = open_sources(config, tokenizer_sha256)
-    if config.objective == "mlm":
-        if tokenizer is None:
-            raise DataConfigError("objective: 'mlm' needs the tokenizer's special ids, so at least one path must be "
-                                  "a manifest")
-        if tokenizer.mask_id is None:
-            raise DataConfigError(f"objective: 'mlm' needs a mask token, and the tokenizer of {config.paths[0]} has "
-                                  f"none (mask_id is null in its manifest)")
+    check_objective(config, tokenizer)
     cache = IndexCache(config.cache_dir or default_cache_dir(config))
     ranges = [split_document_ranges(s.num_documents, config.split_fractions) for s in sources]
     built = {}

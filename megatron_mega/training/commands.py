@@ -1,6 +1,6 @@
 """`megatron-mega train`: pretrain MEGA with DeepSpeed from a YAML config with dotted overrides.
 
-    megatron-mega train --config configs/train/tiny.yaml optim.lr=1e-3 --dry-run     # validate and print, no run
+    megatron-mega train --config configs/train/tiny.yaml optim.lr=1e-3 --dry-run     # check and print, no run
     torchrun --standalone --nproc_per_node=2 -m megatron_mega.training.commands --config configs/train/demo.yaml
 
 Thin: parse, load the config, hand it to the trainer. Config errors become one `error:` line and exit code 2.
@@ -26,13 +26,15 @@ def add_commands(subparsers) -> None:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training YAML (see configs/train/)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate, print the resolved config, the DeepSpeed JSON and parameter counts; no run")
+                        help="check the config, the tokenizer, the datasets and the checkpoint to start from, and "
+                             "print the resolved config, the DeepSpeed JSON, counts and each split's epochs; no run")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: the number of processes to plan for (default: the launcher's)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 parallel.zero_stage=2")
 
 
 def dry_run(config, world_size: int, out=None) -> None:
+    from megatron_mega.training import preflight
     from megatron_mega.training.ds_config import build_ds_config
     from megatron_mega.training.flops import train_flops
     from megatron_mega.training.trainer import build_model
@@ -40,6 +42,9 @@ def dry_run(config, world_size: int, out=None) -> None:
     out = sys.stdout if out is None else out
     layout = config.layout(world_size)
     ds = build_ds_config(config, world_size)
+    # what a run would read, checked before anything is printed: a bad path is the one line of output
+    data_lines, tokenizer_sha = preflight.describe_data(config, world_size)
+    start_lines = preflight.describe_start(config, world_size, tokenizer_sha)
     model = build_model(config)
     lm = model.lm
     total = sum(p.numel() for p in model.parameters())
@@ -58,6 +63,8 @@ def dry_run(config, world_size: int, out=None) -> None:
                            and not config.parallel.compile_blocks)
     print(f"training FLOPs per step: {flops:.4g} ({flops / (layout.global_batch_size * config.data.seq_len):.4g} "
           f"per token; {hardware / flops:.3f}x with recomputation)", file=out)
+    for line in data_lines + start_lines:
+        print(line, file=out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

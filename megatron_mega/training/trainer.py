@@ -35,7 +35,7 @@ from torch import nn
 
 from megatron_mega.model.block import compile_blocks, set_selective_recompute
 from megatron_mega.model.gated_attention import MegaMovingAverageGatedAttention
-from megatron_mega.training import checkpointing
+from megatron_mega.training import checkpointing, preflight
 from megatron_mega.training.config import TrainConfig, TrainConfigError
 from megatron_mega.training.distributed import DistContext
 from megatron_mega.training.ds_config import (accumulation_to_keep, build_ds_config, fp32_gradients,
@@ -294,15 +294,7 @@ class Trainer:
             self._verify_checksums(data)
             data = replace(data, verify_checksums=False)
         splits = build_datasets(data, wanted, tokenizer_sha256=sha)
-        if splits.tokenizer is not None and splits.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise TrainConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                                   f"{splits.tokenizer.vocab_size}")
-        if splits.tokenizer is not None:  # the converted config.json must name the tokens the data was made with
-            for ours, theirs in (("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"), ("eos_token_id", "eos_id")):
-                wanted, have = getattr(splits.tokenizer, theirs), getattr(cfg.model, ours)
-                if wanted is not None and wanted >= 0 and isinstance(have, int) and have != wanted:
-                    raise TrainConfigError(f"model.{ours}: {have}, but the data's tokenizer has {theirs} {wanted}; "
-                                           f"set model.{ours}={wanted}")
+        preflight.check_tokenizer_fits_model(cfg, splits.tokenizer)
         return splits
 
     def _verify_checksums(self, data) -> None:
@@ -336,41 +328,24 @@ class Trainer:
         """(folder, tag, universal) of the checkpoint to resume from, or (None, None, False) for a fresh start.
         A checkpoint saved under another layout (data-parallel size, pipeline stages, ZeRO stage) is converted to a
         DeepSpeed universal checkpoint first, without the user doing anything."""
-        ck = self.config.checkpoint
-        load_dir = ck.dir if ck.load == "auto" else ck.load
-        tag = checkpointing.latest_tag(load_dir) if load_dir else None
+        load_dir, tag = preflight.resume_source(self.config)
         if tag is None:
-            if ck.load not in (None, "auto"):
-                raise TrainConfigError(f"checkpoint.load: {ck.load} holds no checkpoint ('latest' is missing)")
             return None, None, False
         saved = checkpointing.read_state(load_dir, tag)["layout"]
         now = self._layout_dict()
-        if (saved["pipeline_stages"] > 1) != (now["pipeline_stages"] > 1):
-            raise TrainConfigError(
-                f"parallel.pipeline_stages: {load_dir}/{tag} was saved with {saved['pipeline_stages']} pipeline "
-                f"stage(s); resuming a pipeline checkpoint without a pipeline (or the reverse) is not supported")
-        if saved["zero_stage"] == 0 or now["zero_stage"] == 0:
-            if saved["zero_stage"] != now["zero_stage"] or ck.universal:
-                # DeepSpeed's universal checkpoint is made from ZeRO's optimizer partitions, which ZeRO-0 has not
-                raise TrainConfigError(
-                    f"parallel.zero_stage: {load_dir}/{tag} was saved with ZeRO-{saved['zero_stage']}, this run uses "
-                    f"ZeRO-{now['zero_stage']}; a ZeRO-0 checkpoint resumes only under ZeRO-0 (any data-parallel "
-                    f"size). Start a new run from its weights with checkpoint.init_from_checkpoint")
-            if saved != now:
-                # ZeRO-0 keeps the whole optimizer state in one file every rank reads: nothing to re-cut
-                self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: ZeRO-0 state is the same for any "
-                         f"data-parallel size")
+        route = preflight.resume_route(saved, now, self.config.checkpoint.universal, f"{load_dir}/{tag}")
+        if route == preflight.ZERO_0_ANY_DP:
+            # ZeRO-0 keeps the whole optimizer state in one file every rank reads: nothing to re-cut
+            self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: ZeRO-0 state is the same for any "
+                     f"data-parallel size")
+        if route != preflight.UNIVERSAL:
             return load_dir, tag, False
-        if ck.universal or saved != now:
-            if saved != now:
-                self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: resuming through a universal "
-                         f"checkpoint")
-            return load_dir, checkpointing.convert_to_universal(load_dir, tag, self.context.rank), True
-        return load_dir, tag, False
+        if saved != now:
+            self.log(f"{load_dir}/{tag} was saved under {saved}, now {now}: resuming through a universal checkpoint")
+        return load_dir, checkpointing.convert_to_universal(load_dir, tag, self.context.rank), True
 
     def _layout_dict(self) -> dict[str, int]:
-        return {"pipeline_stages": self.layout.pipeline_stages, "data_parallel_size": self.layout.data_parallel_size,
-                "zero_stage": self.config.parallel.zero_stage}
+        return preflight.layout_of(self.config, self.context.world_size)
 
     def _engine(self, model: nn.Module, universal: bool = False):
         import deepspeed
@@ -607,14 +582,11 @@ class Trainer:
                     f"(use a new checkpoint.dir or checkpoint.load=null)")
         self.weight_decay_rule = rule_of_checkpoint(saved)
         if saved is not None:
-            self._check_same_architecture(saved, f"{load_dir}/{tag}")
+            preflight.check_same_architecture(saved, cfg, f"{load_dir}/{tag}")
             if self.weight_decay_rule != "weights":
                 self.log(f"{load_dir}/{tag} predates the weight decay rule of new runs: this run keeps decaying every "
                          f"tensor of rank >= 2 (EMA and relative-position parameters, qk_weight/qk_bias included)")
-            saved_sha = saved.get("tokenizer_sha256")
-            if saved_sha and tokenizer_sha and saved_sha != tokenizer_sha:
-                raise TrainConfigError(f"data.paths: {load_dir}/{tag} was trained on data tokenized with tokenizer "
-                                       f"sha256 {saved_sha[:12]}…, the configured data uses {tokenizer_sha[:12]}…")
+            preflight.check_same_tokenizer(saved, tokenizer_sha, f"{load_dir}/{tag}")
         init_state = None
         if tag is None and ck.init_from_hf:
             from megatron_mega.convert.hf_import import initial_lm_state
@@ -768,27 +740,6 @@ class Trainer:
         self.engine = engine
         self.log(f"optim.train_steps=0: wrote the initial weights as {result.checkpoint}; no training step")
         return result
-
-    def _check_same_architecture(self, saved: dict, where: str) -> None:
-        """A run resumes with the architecture it was saved with: a changed model field is one error naming it,
-        not DeepSpeed's size-mismatch traceback from deep inside the load (or a silent change, for fields that
-        keep the shapes, such as the attention's activation)."""
-        from megatron_mega.convert.hf_import import architecture_differences
-
-        from megatron_mega.model.config import ConfigError, MegaConfig
-
-        model = (saved.get("config") or {}).get("model")
-        try:  # the saved section lists the fields that differ from MegaConfig's defaults
-            theirs = MegaConfig.from_dict(model) if isinstance(model, dict) else None
-        except (ConfigError, TypeError):
-            theirs = None
-        if theirs is None:
-            return
-        changed = [f"model.{name}: {here!r} here, {there!r} in the checkpoint"
-                   for name, there, here in architecture_differences(theirs, self.config.model)]
-        if changed:
-            raise TrainConfigError(f"{'; '.join(changed)} ({where}); a run resumes with the model it saved: use "
-                                   f"another checkpoint.dir, or checkpoint.load=null to start afresh")
 
     def _note_schedule_change(self, saved_optim: Optional[dict], step: int) -> None:
         """The lr schedule is the config's, also on resume (Megatron-LM refuses a changed one unless told which

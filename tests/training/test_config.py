@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 
 import pytest
 import torch
@@ -239,12 +240,18 @@ def test_flop_count_agrees_with_the_dispatched_matmuls_at_the_gpu_anchor(monkeyp
     assert dispatched == pytest.approx(counted, rel=2.5e-3)  # the selective term alone is 0.5%
 
 
-def test_dry_run_prints_config_json_and_counts(capsys):
+@pytest.fixture
+def on_pydoc(pydoc_dataset) -> list[str]:
+    """Overrides pointing configs/train/tiny.yaml at the test corpus (a dry run opens its data)."""
+    return [f"data.paths=[{pydoc_dataset['dataset']}]", f"tokenizer={pydoc_dataset['tokenizer']}"]
+
+
+def test_dry_run_prints_config_json_and_counts(capsys, on_pydoc):
     out = io.StringIO()
-    dry_run(load_train_config(TINY, ["parallel.zero_stage=1"]), world_size=2, out=out)
+    dry_run(load_train_config(TINY, ["parallel.zero_stage=1", *on_pydoc]), world_size=2, out=out)
     text = out.getvalue()
     assert '"stage": 1' in text and "parameters:" in text and "global batch 4 = micro 2 x accumulation 1" in text
-    assert main(["--config", TINY, "--dry-run", "--world-size", "2"]) == 0
+    assert main(["--config", TINY, "--dry-run", "--world-size", "2", *on_pydoc]) == 0
     assert main(["--config", TINY, "parallel.pipeline_stages=2", "parallel.zero_stage=3", "--dry-run"]) == 2
     assert "ZeRO-3 cannot be combined" in capsys.readouterr().err
     # a negative world planned "accumulation -1"; --world-size without --dry-run was silently ignored
@@ -254,14 +261,42 @@ def test_dry_run_prints_config_json_and_counts(capsys):
     assert "--world-size: only with --dry-run" in capsys.readouterr().err
 
 
-def test_add_commands_registers_train_on_a_parser(capsys):
+def test_dry_run_opens_the_data_a_run_would_read(capsys, on_pydoc, pydoc_dataset):
+    """The tokenizer and datasets are opened and checked as a run does, without building an index, and each
+    split's samples are set against the tokens it holds; a bad path or a model that does not fit the tokenizer is
+    the only line printed, and exits 2."""
+    from megatron_mega.data.documents import DocumentSource
+
+    source = DocumentSource(pydoc_dataset["dataset"])
+    assert main(["--config", TINY, "--dry-run", "--world-size", "1", *on_pydoc]) == 0
+    text = capsys.readouterr().out
+    assert f"tokenizer: {pydoc_dataset['tokenizer']} (sha256 " in text and "2,000 tokens)" in text
+    assert (f"data.paths[0]: {pydoc_dataset['dataset']}: {source.num_documents:,} documents, "
+            f"{source.token_count():,} tokens in 1 shard(s)") in text
+    # tiny.yaml: 20 steps of 4 samples and the slack for dropped micro-batches (4 x 5 non-finite steps x 4)
+    train = re.search(r"^train: 160 samples of 65 tokens from [\d,]+ documents, ([\d,]+) tokens \(~([\d.]+) epochs\)$",
+                      text, re.M)
+    assert train and float(train[2]) == pytest.approx(160 * 64 / int(train[1].replace(",", "")), rel=1e-2)
+    assert "start: iteration 0, seeded weights (seed 1234); checkpoint.dir is null: nothing is saved" in text
+    assert not os.path.exists(os.path.join(os.path.dirname(pydoc_dataset["dataset"]), "index-cache"))
+    assert main(["--config", TINY, "--dry-run", *on_pydoc, "data.paths=[/nowhere/dataset]"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "/nowhere/dataset: neither a manifest" in err
+    assert main(["--config", TINY, "--dry-run", *on_pydoc, "model.vocab_size=1000"]) == 2
+    assert "model.vocab_size: 1000 is smaller than the tokenizer's 2000" in capsys.readouterr().err
+    assert main(["--config", TINY, "--dry-run", *on_pydoc, "tokenizer=/nowhere/tokenizer"]) == 2
+    assert "/nowhere/tokenizer" in capsys.readouterr().err
+
+
+def test_add_commands_registers_train_on_a_parser(capsys, on_pydoc):
     import argparse
 
     from megatron_mega.training.commands import add_commands
 
     parser = argparse.ArgumentParser(prog="megatron-mega")
     add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", "--config", TINY, "--dry-run", "--world-size", "1", "optim.lr=1e-4"])
+    args = parser.parse_args(["train", "--config", TINY, "--dry-run", "--world-size", "1", "optim.lr=1e-4",
+                              *on_pydoc])
     assert args.func(args) == 0
     assert "lr: 0.0001" in capsys.readouterr().out
 

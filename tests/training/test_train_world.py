@@ -326,6 +326,47 @@ def test_a_run_starts_from_another_runs_checkpoint(single):
         lm_state_from_training_checkpoint(str(out / "source"), model.copy(num_hidden_layers=3), "causal")
 
 
+
+def test_a_dry_run_checks_the_checkpoint_a_run_would_start_from(single, tiny_dict, tmp_path, capsys):
+    """`train --dry-run` reads trainer_state.json or config.json, never the weights, and refuses what the run would
+    refuse (a changed model field, a ZeRO-0 checkpoint under ZeRO-1, a folder that is not a checkpoint) as one
+    line; it says how a changed layout resumes."""
+    import yaml
+
+    from megatron_mega.training.commands import main
+
+    _, _, out, hf = single
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict))
+
+    def dry(*overrides: str) -> tuple[int, str, str]:
+        rc = main(["--config", str(config), "--dry-run", "--world-size", overrides[0], *overrides[1:]])
+        captured = capsys.readouterr()
+        start = [line for line in captured.out.splitlines() if line.startswith("start: ")]
+        return rc, start[0] if start else "", captured.err
+
+    source = out / "source"
+    assert dry("1", f"checkpoint.dir={source}") == (
+        0, f"start: resumes {source}/step00000003 (iteration 3, 12 samples consumed)", "")
+    rc, start, _ = dry("2", f"checkpoint.dir={source}")
+    assert rc == 0 and start.endswith("samples consumed, saved with 1 pipeline stage(s) x 1 data-parallel, ZeRO-0: "
+                                      "resumes through ZeRO-0, any data-parallel size)")
+    for overrides, message in (
+            ((f"checkpoint.dir={source}", "parallel.zero_stage=1"), "a ZeRO-0 checkpoint resumes only under ZeRO-0"),
+            ((f"checkpoint.dir={source}", "model.num_hidden_layers=3"),
+             "model.num_hidden_layers: 3 here, 2 in the checkpoint"),
+            ((f"checkpoint.load={out / 'nowhere'}",), "holds no checkpoint ('latest' is missing)"),
+            ((f"checkpoint.init_from_hf={source}",), "no config.json; not a Hugging Face model directory (a "
+                                                     "training checkpoint folder"),
+            ((f"checkpoint.init_from_checkpoint={source}", "model.num_hidden_layers=3"),
+             "model.num_hidden_layers: 2 there, 3 here")):
+        rc, start, err = dry("1", *overrides)
+        assert rc == 2 and start == "" and err.count("\n") == 1 and message in err, (overrides, err)
+    assert dry("1", f"checkpoint.init_from_hf={hf}")[:2] == (0, f"start: iteration 0 from the weights of {hf}")
+    assert dry("1", f"checkpoint.init_from_checkpoint={source}")[:2] == (
+        0, f"start: iteration 0 from the weights of {source}/step00000003 (its iteration 3)")
+
+
 # ---- two processes -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
