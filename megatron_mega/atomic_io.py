@@ -14,14 +14,21 @@ from typing import Callable, Iterator
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
+def temporary_beside(path: str | os.PathLike) -> str:
+    """A new empty file beside `path`, named as `remove_stale_temporaries` recognises, for a write renamed over
+    `path` once complete (the caller renames or removes it)."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(os.fspath(path))}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed."""
+    tmp = temporary_beside(path)
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)

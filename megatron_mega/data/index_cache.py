@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -25,7 +26,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 from filelock import FileLock, Timeout
 
-from megatron_mega.atomic_io import atomic_path, atomic_write_text
+from megatron_mega.atomic_io import atomic_write_text, temporary_beside
 
 
 logger = logging.getLogger(__name__)
@@ -106,29 +107,61 @@ class IndexCache:
     def _build(self, name: str, kind: str, description: dict[str, Any],
                build: Callable[[Allocate], dict[str, np.ndarray]], marker: str) -> None:
         logger.info("building index %s in %s", name, self.directory)
-        with contextlib.ExitStack() as files:  # each temporary renamed into place on success, removed on error
-            mapped: dict[str, np.ndarray] = {}
+        self._remove_stale_temporaries(name)
+        temporaries: dict[str, str] = {}  # array -> its file until the rename
+        mapped: dict[str, np.ndarray] = {}
 
-            def allocate(array: str, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
-                if array in mapped:
-                    raise ValueError(f"index array {array!r} allocated twice")
-                tmp = files.enter_context(atomic_path(self._array_path(name, array)))
-                shape = tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+        def allocate(array: str, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
+            if array in temporaries:
+                raise ValueError(f"index array {array!r} allocated twice")
+            shape = tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+            tmp = temporaries[array] = temporary_beside(self._array_path(name, array))
+            try:
                 mapped[array] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
-                return mapped[array]
+                _reserve(tmp)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise IndexCacheError(f"{self.directory}: no room for index {name}'s {array} "
+                                          f"({os.path.getsize(tmp):,} bytes): {err.strerror}; free space there or "
+                                          f"set data.cache_dir") from None
+                # a file system without shared writable memory maps (some FUSE mounts): built in memory, saved
+                logger.warning("%s: cannot memory-map %s (%s); building it in memory", self.directory, tmp, err)
+                mapped.pop(array, None)
+                os.unlink(temporaries.pop(array))
+                return np.empty(shape, dtype=dtype)
+            return mapped[array]
 
+        try:
             arrays = build(allocate)
             unreturned = sorted(set(mapped) - set(arrays))
             if unreturned:
                 raise ValueError(f"index {name}: arrays allocated but not returned: {unreturned}")
             for array, value in arrays.items():
-                if array in mapped and value is mapped[array]:
+                if array in mapped:
+                    if value is not mapped[array]:
+                        raise ValueError(f"index {name}: {array!r} is not the array allocated under that name")
                     _sync(value)
                 else:  # built in memory
-                    _save(files.enter_context(atomic_path(self._array_path(name, array))), value)
+                    temporaries[array] = temporary_beside(self._array_path(name, array))
+                    _save(temporaries[array], value)
+            for array, tmp in temporaries.items():
+                os.replace(tmp, self._array_path(name, array))
+        except BaseException:
+            for tmp in temporaries.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            raise
         # the marker last: a process that finds it finds every array written
         record = {"kind": kind, "description": description, "arrays": sorted(arrays)}
         atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def _remove_stale_temporaries(self, name: str) -> None:
+        """The temporaries of an earlier build of `name` killed before it could remove them (SIGKILL, a job's time
+        limit, SIGBUS): only the holder of the entry's lock writes these names."""
+        for entry in os.listdir(self.directory):
+            if entry.startswith(f".{name}-") and entry.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, entry))
 
     def _array_path(self, name: str, array: str) -> str:
         return os.path.join(self.directory, f"{name}-{array}.npy")
@@ -147,6 +180,17 @@ class IndexCache:
             except (OSError, ValueError) as err:
                 raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
         return CachedIndices(name=name, arrays=arrays, built=False, directory=self.directory)
+
+
+def _reserve(path: str) -> None:
+    """Allocate the blocks of a new memory-mapped file now: on a full disk, writing into a sparse file's pages kills
+    the process with SIGBUS, where this raises ENOSPC."""
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # not supported here: the pages are written as is
+                raise
 
 
 def _sync(array: np.ndarray) -> None:

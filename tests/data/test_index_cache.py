@@ -118,7 +118,54 @@ def test_arrays_are_built_in_their_files_and_a_failed_build_leaves_nothing(tmp_p
         cache.load_or_build("test", {"n": 2}, failing)
     assert len(entry_files(tmp_path / "cache")) == 4  # no temporary, no marker of the failed entry
 
+    def returns_a_view(allocate):
+        array = allocate("x", 10, np.int8)
+        array[:] = 7
+        return {"x": array[:5]}
+
+    with pytest.raises(ValueError, match="'x' is not the array allocated under that name"):
+        cache.load_or_build("test", {"n": 4}, returns_a_view)
     with pytest.raises(ValueError, match=r"allocated but not returned: \['b'\]"):
         cache.load_or_build("test", {"n": 3},
                             lambda allocate: {"a": allocate("a", 1, np.int8), "x": allocate("b", 1, np.int8)})
     assert len(entry_files(tmp_path / "cache")) == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk (needs root and mount, as CI has; skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_an_error_naming_the_cache_not_a_bus_error(small_disk):
+    """Pages of a sparse memory-mapped file written on a full disk raise SIGBUS and kill the process, leaving the
+    temporaries; the blocks are reserved first, so the build fails with an error and leaves only its lock."""
+    from megatron_mega.data.gpt_dataset import build_gpt_indices
+    from megatron_mega.data.index_cache import IndexCacheError
+
+    cache = IndexCache(str(small_disk / "cache"))
+    lengths = np.full(1000, 100, dtype=np.int32)
+    with pytest.raises(IndexCacheError, match=r"cache: no room for index gpt-\w+'s sample_index \(1,680,128 bytes\)"):
+        cache.load_or_build("gpt", {"v": 1}, lambda allocate: build_gpt_indices(lengths, 0, 10, 200000, 1, 2, allocate))
+    assert os.listdir(small_disk / "cache") == [f"{cache.entry_name('gpt', {'v': 1})}.lock"]
+
+
+def test_a_killed_build_leaves_temporaries_the_next_build_removes(tmp_path):
+    cache = IndexCache(str(tmp_path))
+    name = cache.entry_name("test", {"n": 1})
+    stale = tmp_path / f".{name}-a.npy.abcd1234.tmp"  # as a SIGKILLed build leaves them
+    stale.write_bytes(b"\0" * 1000)
+    other = tmp_path / ".gpt-0123-a.npy.abcd1234.tmp"  # another entry's: its builder may be running
+    other.write_bytes(b"")
+    entry = cache.load_or_build("test", {"n": 1}, lambda allocate: {"a": np.arange(3)})
+    assert entry.arrays["a"].tolist() == [0, 1, 2] and not stale.exists() and other.exists()
