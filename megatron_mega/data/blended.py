@@ -64,7 +64,11 @@ def _compiled_walk() -> Callable[..., None]:
     except ImportError:
         logger.warning("numba is not installed: the blend index is built in Python, about 1 us a sample")
         return _tijdeman_walk
-    return numba.njit(cache=True, nogil=True)(_tijdeman_walk)
+    try:
+        return numba.njit(cache=True, nogil=True)(_tijdeman_walk)
+    except RuntimeError as err:  # no writable __pycache__ nor user cache (a read-only install and home)
+        logger.info("numba cannot cache the blend walk (%s): compiled for this process only", err)
+        return numba.njit(nogil=True)(_tijdeman_walk)
 
 
 def build_blending_indices(weights: Sequence[float], size: int,

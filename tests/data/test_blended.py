@@ -103,3 +103,28 @@ def test_the_walk_without_numba_gives_the_same_blend(monkeypatch):
             assert index_digest(build_blending_indices(weights, 700)) == index_digest(arrays)
     finally:
         blended._compiled_walk.cache_clear()
+
+
+def test_the_walk_compiles_where_numba_cannot_cache_it(tmp_path):
+    """A read-only install with a read-only home: numba finds no folder for its cache and refuses cache=True; the
+    walk is compiled for the process instead. Here the source's __pycache__ is a file and HOME is under /dev/null,
+    which no process can create folders in, root included."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from megatron_mega.data import blended
+
+    shutil.copy(blended.__file__, tmp_path / "blend_copy.py")
+    (tmp_path / "__pycache__").write_text("")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "HOME": "/dev/null/home", "XDG_CACHE_HOME": "/dev/null/cache", "PYTHONPATH": root,
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    script = ("import sys, numba; sys.path.insert(0, sys.argv[1]); import blend_copy\n"
+              "walk = blend_copy._compiled_walk(); assert isinstance(walk, numba.core.registry.CPUDispatcher)\n"
+              "print(blend_copy.build_blending_indices([1, 2], 6)['dataset_index'].tolist())")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(build_blending_indices([1, 2], 6)["dataset_index"].tolist())
