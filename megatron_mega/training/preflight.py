@@ -7,6 +7,7 @@ a job that waited in the queue. No index is built and no weight is read (`data.v
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional
 
 from megatron_mega.training import checkpointing
@@ -61,6 +62,24 @@ def resume_route(saved: dict[str, int], now: dict[str, int], universal: bool, wh
     return UNIVERSAL if universal or saved != now else AS_SAVED
 
 
+def data_tokenizer_sha256(tokenizer) -> Optional[str]:
+    """The tokenizer a run records in its checkpoints and compares on resume: the manifests' (None when every path
+    is a bare prefix, whatever `tokenizer` the config names: nothing ties a bare prefix to it)."""
+    return tokenizer.sha256 if tokenizer is not None else None
+
+
+def check_resumable(saved: dict, config: TrainConfig, tokenizer_sha256: Optional[str], where: str) -> None:
+    """A saved trainer state the run can resume: the model it saved, data of its tokenizer, and steps to train
+    (0 steps means a fresh run's step-0 checkpoint)."""
+    if config.optim.train_steps == 0 and saved.get("step") != 0:
+        raise TrainConfigError(
+            f"optim.train_steps: 0 writes the initial weights of a fresh run as a step-0 checkpoint, but {where} "
+            f"holds a checkpoint of step {saved.get('step')} to resume from (use a new checkpoint.dir or "
+            f"checkpoint.load=null)")
+    check_same_architecture(saved, config, where)
+    check_same_tokenizer(saved, tokenizer_sha256, where)
+
+
 def check_same_architecture(saved: dict, config: TrainConfig, where: str) -> None:
     """A run resumes with the architecture it was saved with: a changed model field is one error naming it, not
     DeepSpeed's size-mismatch traceback from deep inside the load (or a silent change, for fields that keep the
@@ -108,19 +127,18 @@ def describe_data(config: TrainConfig, world_size: int) -> tuple[list[str], Opti
 
     data = config.data
     lines = []
-    sha = None
+    given = None
     if config.tokenizer:
         tokenizer = Tokenizer.load(config.tokenizer)
-        sha = tokenizer.sha256
-        lines.append(f"tokenizer: {config.tokenizer} (sha256 {sha[:12]}…, {tokenizer.vocab_size:,} tokens)")
-    sources, info = open_sources(data, sha)
+        given = tokenizer.sha256
+        lines.append(f"tokenizer: {config.tokenizer} (sha256 {given[:12]}…, {tokenizer.vocab_size:,} tokens)")
+    # the shards' checksums are not hashed: a run deals them over its processes, one process here would read all
+    sources, info = open_sources(replace(data, verify_checksums=False), given)
     check_objective(data, info)
     check_tokenizer_fits_model(config, info)
-    if info is not None:
-        sha = sha or info.sha256
-        if not config.tokenizer:
-            lines.append(f"tokenizer: none given; the manifests name sha256 {info.sha256[:12]}… "
-                         f"({info.vocab_size:,} tokens)")
+    if info is not None and not config.tokenizer:
+        lines.append(f"tokenizer: none given; the manifests name sha256 {info.sha256[:12]}… "
+                     f"({info.vocab_size:,} tokens)")
     for i, source in enumerate(sources):
         lines.append(f"data.paths[{i}]: {source.path}: {source.num_documents:,} documents, "
                      f"{source.token_count():,} tokens in {len(source.shards)} shard(s)")
@@ -151,7 +169,9 @@ def describe_data(config: TrainConfig, world_size: int) -> tuple[list[str], Opti
         else:
             line += " (epochs per dataset: " + ", ".join(f"{e:.3g}" for e in epochs) + ")"
         lines.append(line)
-    return lines, sha
+    if data.verify_checksums:
+        lines.append("data.verify_checksums: the run hashes every shard against its manifest (not the dry run)")
+    return lines, data_tokenizer_sha256(info)
 
 
 def describe_start(config: TrainConfig, world_size: int, tokenizer_sha256: Optional[str]) -> list[str]:
@@ -162,8 +182,7 @@ def describe_start(config: TrainConfig, world_size: int, tokenizer_sha256: Optio
     if tag is not None:
         where = f"{load_dir}/{tag}"
         saved = checkpointing.read_state(load_dir, tag)
-        check_same_architecture(saved, config, where)
-        check_same_tokenizer(saved, tokenizer_sha256, where)
+        check_resumable(saved, config, tokenizer_sha256, where)
         route = resume_route(saved["layout"], layout_of(config, world_size), ck.universal, where)
         layout = saved["layout"]
         how = "" if route == AS_SAVED else (

@@ -568,25 +568,18 @@ class Trainer:
 
         cfg, lay, ctx = self.config, self.layout, self.context
         splits = self._datasets()
-        tokenizer_sha = splits.tokenizer.sha256 if splits.tokenizer is not None else None
+        tokenizer_sha = preflight.data_tokenizer_sha256(splits.tokenizer)
         ck = cfg.checkpoint
         load_dir, tag, universal = self._resume_plan()
         saved = checkpointing.read_state(load_dir, tag) if tag is not None else None
         self._saved_state = saved
-        if saved is not None and cfg.optim.train_steps == 0:
-            saved_step = saved.get("step")
-            if saved_step != 0:
-                raise TrainConfigError(
-                    f"optim.train_steps: 0 writes the initial weights of a fresh run as a step-0 checkpoint, but "
-                    f"{load_dir}/{tag} holds a checkpoint of step {saved_step} to resume from "
-                    f"(use a new checkpoint.dir or checkpoint.load=null)")
+        if saved is not None:
+            preflight.check_resumable(saved, cfg, tokenizer_sha, f"{load_dir}/{tag}")
         self.weight_decay_rule = rule_of_checkpoint(saved)
         if saved is not None:
-            preflight.check_same_architecture(saved, cfg, f"{load_dir}/{tag}")
             if self.weight_decay_rule != "weights":
                 self.log(f"{load_dir}/{tag} predates the weight decay rule of new runs: this run keeps decaying every "
                          f"tensor of rank >= 2 (EMA and relative-position parameters, qk_weight/qk_bias included)")
-            preflight.check_same_tokenizer(saved, tokenizer_sha, f"{load_dir}/{tag}")
         init_state = None
         if tag is None and ck.init_from_hf:
             from megatron_mega.convert.hf_import import initial_lm_state

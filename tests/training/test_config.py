@@ -261,7 +261,7 @@ def test_dry_run_prints_config_json_and_counts(capsys, on_pydoc):
     assert "--world-size: only with --dry-run" in capsys.readouterr().err
 
 
-def test_dry_run_opens_the_data_a_run_would_read(capsys, on_pydoc, pydoc_dataset):
+def test_dry_run_opens_the_data_a_run_would_read(capsys, monkeypatch, on_pydoc, pydoc_dataset):
     """The tokenizer and datasets are opened and checked as a run does, without building an index, and each
     split's samples are set against the tokens it holds; a bad path or a model that does not fit the tokenizer is
     the only line printed, and exits 2."""
@@ -279,6 +279,15 @@ def test_dry_run_opens_the_data_a_run_would_read(capsys, on_pydoc, pydoc_dataset
     assert train and float(train[2]) == pytest.approx(160 * 64 / int(train[1].replace(",", "")), rel=1e-2)
     assert "start: iteration 0, seeded weights (seed 1234); checkpoint.dir is null: nothing is saved" in text
     assert not os.path.exists(os.path.join(os.path.dirname(pydoc_dataset["dataset"]), "index-cache"))
+    # data.verify_checksums: the run deals the shards' hashing over its processes; one dry-run process reads none
+    import megatron_mega.data.manifest as manifest_module
+
+    hashed = []
+    real_sha256_file = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file",
+                        lambda path, *a: hashed.append(path) or real_sha256_file(path, *a))
+    assert main(["--config", TINY, "--dry-run", *on_pydoc, "data.verify_checksums=true"]) == 0
+    assert hashed == [] and "data.verify_checksums: the run hashes every shard" in capsys.readouterr().out
     assert main(["--config", TINY, "--dry-run", *on_pydoc, "data.paths=[/nowhere/dataset]"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "/nowhere/dataset: neither a manifest" in err

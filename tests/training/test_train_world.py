@@ -331,6 +331,9 @@ def test_a_dry_run_checks_the_checkpoint_a_run_would_start_from(single, tiny_dic
     """`train --dry-run` reads trainer_state.json or config.json, never the weights, and refuses what the run would
     refuse (a changed model field, a ZeRO-0 checkpoint under ZeRO-1, a folder that is not a checkpoint) as one
     line; it says how a changed layout resumes."""
+    import shutil
+    from pathlib import Path
+
     import yaml
 
     from megatron_mega.training.commands import main
@@ -346,6 +349,15 @@ def test_a_dry_run_checks_the_checkpoint_a_run_would_start_from(single, tiny_dic
         return rc, start[0] if start else "", captured.err
 
     source = out / "source"
+    # the same run, recorded as trained on another tokenizer's data
+    other_tokenizer = tmp_path / "other_tokenizer"
+    shutil.copytree(source, other_tokenizer)
+    state_file = other_tokenizer / "step00000003" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "tokenizer_sha256": "cd" * 32}))
+    # a bare prefix records no tokenizer: the run resumes it whatever its config's `tokenizer` (and so does the dry run)
+    manifest = json.loads((Path(tiny_dict["data"]["paths"][0]) / "manifest.json").read_text())
+    bare = os.path.join(tiny_dict["data"]["paths"][0], manifest["shards"][0]["prefix"])
+    assert dry("1", f"checkpoint.dir={other_tokenizer}", f"data.paths=[{bare}]")[0] == 0
     assert dry("1", f"checkpoint.dir={source}") == (
         0, f"start: resumes {source}/step00000003 (iteration 3, 12 samples consumed)", "")
     rc, start, _ = dry("2", f"checkpoint.dir={source}")
@@ -359,7 +371,10 @@ def test_a_dry_run_checks_the_checkpoint_a_run_would_start_from(single, tiny_dic
             ((f"checkpoint.init_from_hf={source}",), "no config.json; not a Hugging Face model directory (a "
                                                      "training checkpoint folder"),
             ((f"checkpoint.init_from_checkpoint={source}", "model.num_hidden_layers=3"),
-             "model.num_hidden_layers: 2 there, 3 here")):
+             "model.num_hidden_layers: 2 there, 3 here"),
+            ((f"checkpoint.dir={source}", "optim.train_steps=0"), "holds a checkpoint of step 3 to resume from"),
+            ((f"checkpoint.dir={other_tokenizer}",),
+             "was trained on data tokenized with tokenizer sha256 cdcdcdcdcdcd")):
         rc, start, err = dry("1", *overrides)
         assert rc == 2 and start == "" and err.count("\n") == 1 and message in err, (overrides, err)
     assert dry("1", f"checkpoint.init_from_hf={hf}")[:2] == (0, f"start: iteration 0 from the weights of {hf}")
