@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 from megatron_mega.data import indexed_dataset
 from megatron_mega.data.blended import BlendedDataset, load_blending_indices, samples_per_dataset
 from megatron_mega.data.config import SPLIT_NAMES, DataConfig, DataConfigError
-from megatron_mega.data.documents import DocumentSource, is_manifest_path
+from megatron_mega.data.documents import DocumentSource, is_manifest_path, prefix_identity
 from megatron_mega.data.gpt_dataset import GPTDataset, split_document_ranges
 from megatron_mega.data.index_cache import IndexCache
 from megatron_mega.data.manifest import Manifest, ManifestError, TokenizerInfo
@@ -41,10 +41,10 @@ def default_cache_dir(config: DataConfig) -> str:
     return os.path.join(folder, "index-cache")
 
 
-def open_sources(config: DataConfig, tokenizer_sha256: Optional[str]) -> tuple[list[DocumentSource],
-                                                                               Optional[TokenizerInfo]]:
+def open_sources(config: DataConfig, tokenizer_sha256: Optional[str],
+                 cache: Optional[IndexCache] = None) -> tuple[list[DocumentSource], Optional[TokenizerInfo]]:
     """Open every path; manifests made with another tokenizer than training's (or than each other) are refused
-    before any shard is read."""
+    before any shard is read. With `cache`, a bare prefix's identity is hashed once there for every process."""
     tokenizer: Optional[TokenizerInfo] = None
     first_path = None
     for path in config.paths:
@@ -60,7 +60,10 @@ def open_sources(config: DataConfig, tokenizer_sha256: Optional[str]) -> tuple[l
         elif manifest.tokenizer.sha256 != tokenizer.sha256:
             raise ManifestError(f"{path}: prepared with tokenizer sha256 {manifest.tokenizer.sha256[:12]}… but "
                                 f"{first_path} with {tokenizer.sha256[:12]}…; a blend needs one tokenizer")
-    sources = [DocumentSource(path, verify_checksums=config.verify_checksums) for path in config.paths]
+    sources = [DocumentSource(path, verify_checksums=config.verify_checksums,
+                              identity=prefix_identity(path, cache) if cache is not None and not is_manifest_path(path)
+                              and indexed_dataset.exists(path) else None)
+               for path in config.paths]
     return sources, tokenizer
 
 
@@ -99,9 +102,9 @@ def build_datasets(config: DataConfig, num_samples: Mapping[str, int],
     unknown = sorted(set(num_samples) - set(SPLIT_NAMES))
     if unknown:
         raise ValueError(f"num_samples: unknown split(s) {unknown}; expected some of {SPLIT_NAMES}")
-    sources, tokenizer = open_sources(config, tokenizer_sha256)
-    check_objective(config, tokenizer)
     cache = IndexCache(config.cache_dir or default_cache_dir(config))
+    sources, tokenizer = open_sources(config, tokenizer_sha256, cache)
+    check_objective(config, tokenizer)
     ranges = [split_document_ranges(s.num_documents, config.split_fractions) for s in sources]
     built = {}
     for split_id, split in enumerate(SPLIT_NAMES):

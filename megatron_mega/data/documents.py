@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_mega.data import indexed_dataset, open_files
+from megatron_mega.data.index_cache import IndexCache
 from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
 
 
@@ -50,19 +51,22 @@ class DocumentSource:
                          for s, single in zip(self.shards, self._single)]
         self._starts = np.zeros(len(self.shards) + 1, dtype=np.int64)
         np.cumsum([s.num_documents for s in self.shards], out=self._starts[1:])
-        self.identity = identity or self._identity()
+        self._identity = identity
 
     # ------------------------------------------------------------------ identity (keys the index cache)
-    def _identity(self) -> str:
-        """A digest of the content, not the location: moving the data keeps its caches valid."""
-        if self.manifest is not None:
-            content = {"dtype": self.manifest.dtype,
-                       "shards": [[s.bin_sha256, s.idx_sha256, s.documents, s.tokens] for s in self.manifest.shards]}
-        else:
-            # no recorded checksums: the .idx (small) is hashed, the .bin only sized
-            content = {"idx_sha256": sha256_file(indexed_dataset.index_path(self.path)),
-                       "bin_bytes": os.path.getsize(indexed_dataset.data_path(self.path))}
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    @property
+    def identity(self) -> str:
+        """A digest of the content, not the location: moving the data keeps its caches valid. Computed when first
+        asked (a dry run never asks): a bare prefix's means hashing its whole .idx."""
+        if self._identity is None:
+            if self.manifest is not None:
+                content = {"dtype": self.manifest.dtype,
+                           "shards": [[s.bin_sha256, s.idx_sha256, s.documents, s.tokens]
+                                      for s in self.manifest.shards]}
+                self._identity = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+            else:
+                self._identity = prefix_content_identity(self.path)
+        return self._identity
 
     # ------------------------------------------------------------------ access
     @property
@@ -130,6 +134,26 @@ class DocumentSource:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], verify_checksums=False, identity=state["identity"])
+
+
+def prefix_content_identity(path: str) -> str:
+    """A bare prefix has no recorded checksums: its .idx is hashed, its .bin only sized."""
+    content = {"idx_sha256": sha256_file(indexed_dataset.index_path(path)),
+               "bin_bytes": os.path.getsize(indexed_dataset.data_path(path))}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def prefix_identity(path: str, cache: IndexCache) -> str:
+    """prefix_content_identity, hashed by one process: kept in `cache` under the files' location, sizes and
+    modification times, so that the other processes of a job and later runs read it instead of hashing the whole
+    .idx again (12 bytes a document: 7 GB at 600M documents, read by every process of the job otherwise)."""
+    stats = {}
+    for kind, file in (("idx", indexed_dataset.index_path(path)), ("bin", indexed_dataset.data_path(path))):
+        status = os.stat(file)
+        stats[kind] = [os.path.realpath(file), status.st_size, status.st_mtime_ns]
+    entry = cache.load_or_build("prefix", {"version": 1, **stats}, lambda allocate: {
+        "identity": np.frombuffer(bytes.fromhex(prefix_content_identity(path)), dtype=np.uint8)})
+    return bytes(entry.arrays["identity"]).hex()
 
 
 def _document_lengths(shard: indexed_dataset.IndexedDataset) -> np.ndarray:

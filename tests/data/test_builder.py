@@ -120,3 +120,32 @@ def test_a_malformed_manifest_is_one_error_naming_it(tmp_path, change, message):
         json.dump(change(data), fh)
     with pytest.raises(ManifestError, match=f"^{path}: {message}"):
         build_datasets(config_for(tmp_path, [root]), {"train": 1}, tokenizer_sha256=None)
+
+
+def test_a_bare_prefix_is_hashed_once_for_every_process(tmp_path, monkeypatch):
+    """A bare prefix's identity (what keys its indices) hashes the whole .idx: one process records it in the index
+    cache, under the files' location, sizes and times; the others and later runs read it. The identity itself is
+    unchanged, so caches built before stay valid; a rewritten .idx is hashed again."""
+    from megatron_mega.data import documents
+    from megatron_mega.data.builder import open_sources
+    from megatron_mega.data.indexed_dataset import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "megatron")
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for doc in random_documents(30, seed=2):
+            writer.add_sequence(doc)
+            writer.end_document()
+    hashed = []
+    real_sha256_file = documents.sha256_file
+    monkeypatch.setattr(documents, "sha256_file", lambda path, *a: hashed.append(path) or real_sha256_file(path, *a))
+    config = config_for(tmp_path, [prefix])
+    first = build_datasets(config, {"train": 10}, tokenizer_sha256=None)
+    again = build_datasets(config, {"train": 10}, tokenizer_sha256=None)
+    assert hashed == [prefix + ".idx"] and not again.train.built
+    assert again.train.source.identity == first.train.source.identity == documents.prefix_content_identity(prefix)
+    os.utime(prefix + ".idx", ns=(1, 1))
+    build_datasets(config, {"train": 10}, tokenizer_sha256=None)
+    assert len(hashed) == 3  # once for the record, once by prefix_content_identity above
+    # opened without building (train --dry-run): the identity is never asked for, nothing is hashed
+    sources, _ = open_sources(config_for(tmp_path, [prefix], cache_dir=str(tmp_path / "other")), None)
+    assert len(hashed) == 3 and not os.path.exists(tmp_path / "other")
