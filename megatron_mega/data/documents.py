@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Optional
 
@@ -17,6 +18,8 @@ import numpy as np
 from megatron_mega.data import indexed_dataset, open_files
 from megatron_mega.data.index_cache import IndexCache
 from megatron_mega.data.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
+
+logger = logging.getLogger(__name__)
 
 
 def is_manifest_path(path: str) -> bool:
@@ -151,8 +154,12 @@ def prefix_identity(path: str, cache: IndexCache) -> str:
     for kind, file in (("idx", indexed_dataset.index_path(path)), ("bin", indexed_dataset.data_path(path))):
         status = os.stat(file)
         stats[kind] = [os.path.realpath(file), status.st_size, status.st_mtime_ns]
-    entry = cache.load_or_build("prefix", {"version": 1, **stats}, lambda allocate: {
-        "identity": np.frombuffer(bytes.fromhex(prefix_content_identity(path)), dtype=np.uint8)})
+    try:
+        entry = cache.load_or_build("prefix", {"version": 1, **stats}, lambda allocate: {
+            "identity": np.frombuffer(bytes.fromhex(prefix_content_identity(path)), dtype=np.uint8)})
+    except OSError as err:  # a read-only cache of indices built elsewhere: still readable, so hash here
+        logger.info("%s: cannot record the identity of %s (%s); hashing it in this process", cache.directory, path, err)
+        return prefix_content_identity(path)
     return bytes(entry.arrays["identity"]).hex()
 
 

@@ -149,3 +149,7 @@ def test_a_bare_prefix_is_hashed_once_for_every_process(tmp_path, monkeypatch):
     # opened without building (train --dry-run): the identity is never asked for, nothing is hashed
     sources, _ = open_sources(config_for(tmp_path, [prefix], cache_dir=str(tmp_path / "other")), None)
     assert len(hashed) == 3 and not os.path.exists(tmp_path / "other")
+    # a cache folder that cannot be written (indices built elsewhere): the identity is hashed in the process
+    from megatron_mega.data.index_cache import IndexCache
+
+    assert documents.prefix_identity(prefix, IndexCache("/dev/null/cache")) == first.train.source.identity
