@@ -20,8 +20,19 @@ def temporary_beside(path: str | os.PathLike) -> str:
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(os.fspath(path))}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _usual_mode(0o666))
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _usual_mode(mode: int) -> int:
+    """`mode` less the umask: what open() and mkdir() give. mkstemp and mkdtemp make 0600 files and 0700 folders,
+    which would leave a prepared dataset, a checkpoint or a converted model unreadable to the rest of a team."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 @contextlib.contextmanager
@@ -79,6 +90,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
     try:
+        os.chmod(tmp, _usual_mode(0o777))
         yield tmp
         if os.path.isdir(path):
             shutil.rmtree(path)
