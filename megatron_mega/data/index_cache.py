@@ -32,6 +32,9 @@ from megatron_mega.atomic_io import atomic_write_text, temporary_beside
 logger = logging.getLogger(__name__)
 
 
+LOCK_POLL_S = 1.0
+
+
 class Allocate(Protocol):
     """`allocate(array, shape, dtype)`: an uninitialised array the builder fills and returns under that name."""
 
@@ -91,7 +94,9 @@ class IndexCache:
             lock.acquire(timeout=0)
         except Timeout:
             logger.info("waiting for another process to build index %s", name)
-            lock.acquire()
+            # filelock's default retries every 50 ms: 500 waiting ranks would be ~10,000 lock attempts a second on
+            # the shared file system's metadata server, for the minutes a large build takes
+            lock.acquire(poll_interval=LOCK_POLL_S)
         try:
             # built by another process while this one waited: loaded after the lock is released, so that the
             # processes that waited do not load one after another
