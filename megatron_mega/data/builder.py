@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from megatron_mega.data import indexed_dataset
+from megatron_mega.data import indexed_dataset, open_files
 from megatron_mega.data.blended import BlendedDataset, load_blending_indices, samples_per_dataset
 from megatron_mega.data.config import SPLIT_NAMES, DataConfig, DataConfigError
 from megatron_mega.data.documents import DocumentSource, is_manifest_path, prefix_identity
@@ -135,5 +135,7 @@ def _build_split(config: DataConfig, sources: list[DocumentSource], documents: l
             raise ValueError(f"{split}: the split holds no tokens in any dataset")
     indices = load_blending_indices(cache, weights, wanted)
     counts = samples_per_dataset(indices, len(sources))
+    open_files.make_room_for_maps(3 * sum(1 for c in counts if c), f"data.paths ({split} split of "
+                                                                    f"{len(sources)} datasets)")
     return BlendedDataset([component(i, c) if c else None for i, c in enumerate(counts)], indices)
 

@@ -182,7 +182,12 @@ class IndexCache:
             path = self._array_path(name, array)
             try:
                 arrays[array] = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as err:
+            except OSError as err:
+                if err.errno == errno.EMFILE:
+                    raise IndexCacheError(f"{path}: cannot be mapped, this process has too many files open ({err}); "
+                                          f"raise the limit (ulimit -n)") from None
+                raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
+            except ValueError as err:
                 raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
         return CachedIndices(name=name, arrays=arrays, built=False, directory=self.directory)
 

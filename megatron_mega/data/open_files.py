@@ -12,8 +12,8 @@ import os
 import resource
 
 FILES_PER_SHARD = 2
-# what the process has open besides the shards: the interpreter, torch, the index caches' memory maps (3 per
-# dataset and split, 2 per blend), sockets of the process group, DataLoader pipes
+# what the process has open besides the shards and the index caches' memory maps: the interpreter, torch, sockets of
+# the process group, DataLoader pipes
 _HEADROOM = 512
 
 
@@ -28,7 +28,18 @@ def open_files() -> int:
 def make_room(shards: int, what: str) -> None:
     """Raises this process's soft limit on open files, up to the hard limit, so that `shards` more shards fit;
     refuses with the fix when the hard limit is too low. `what`: the dataset, for the message."""
-    needed = open_files() + FILES_PER_SHARD * shards + _HEADROOM
+    _make_room(FILES_PER_SHARD * shards, what, f"{shards} shards keep {FILES_PER_SHARD * shards} files open",
+               "or merge the data into fewer shards (prepare merge --reshard)")
+
+
+def make_room_for_maps(maps: int, what: str) -> None:
+    """The same for `maps` more memory-mapped index arrays (3 per dataset and split): a blend of a hundred corpora
+    keeps ~900 of them open."""
+    _make_room(maps, what, f"their index caches keep {maps} memory maps open", "or blend fewer datasets")
+
+
+def _make_room(files: int, what: str, why: str, other_fix: str) -> None:
+    needed = open_files() + files + _HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or needed <= soft:
         return
@@ -36,7 +47,6 @@ def make_room(shards: int, what: str) -> None:
         from megatron_mega.data.indexed_dataset import IndexedDatasetError
 
         raise IndexedDatasetError(
-            f"{what}: {shards} shards keep {FILES_PER_SHARD * shards} files open, and this process may open "
-            f"{hard} at most (ulimit -Hn): raise the limit (ulimit -n {needed}, or LimitNOFILE / the cluster's "
-            f"setting), or merge the data into fewer shards (prepare merge --reshard)")
+            f"{what}: {why}, and this process may open {hard} files at most (ulimit -Hn): raise the limit "
+            f"(ulimit -n {needed}, or LimitNOFILE / the cluster's setting), {other_fix}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else needed, hard))
