@@ -121,11 +121,6 @@ def merge_parts(output: str, reshard: bool = False, checksums: bool = True) -> M
     return MergeSummary(output, len(parts), merged.documents, merged.tokens, len(shards), problems, reshard)
 
 
-def _one_sequence_documents(dataset: indexed_dataset.IndexedDataset) -> bool:
-    indices = dataset.document_indices
-    return len(indices) == len(dataset) + 1 and bool(np.array_equal(indices, np.arange(len(indices))))
-
-
 def _copy_runs(dataset: indexed_dataset.IndexedDataset, shard_tokens: int, room_for, current) -> int:
     """Copy the documents of a shard whose documents are single sequences laid back to back, a run of whole
     documents at a time: each run is what fits in the current output shard by the rule `prepare tokenize` cuts
@@ -179,7 +174,7 @@ def _reshard(manifests: list[Manifest], output: str, shard_tokens: int) -> tuple
                 if dataset.dtype != dtype:
                     raise PrepareError(f"{prefix}.idx: tokens of dtype {dataset.dtype}, its manifest says {dtype}; "
                                        f"the part is damaged (re-run its job)")
-                if _one_sequence_documents(dataset) and dataset.is_contiguous():
+                if dataset.one_sequence_documents() and dataset.is_contiguous():
                     oversized += _copy_runs(dataset, shard_tokens, room_for, lambda: (writer, digest))
                     continue
                 for document in range(dataset.num_documents):  # Megatron files with several sequences a document

@@ -48,8 +48,7 @@ class DocumentSource:
         open_files.make_room(len(prefixes), path)
         self.shards = [indexed_dataset.IndexedDataset(p) for p in prefixes]
         # one sequence per document (data_prep's layout): index the memory-mapped arrays directly, no copies
-        self._single = [s.num_documents == len(s) and bool(np.all(np.diff(s.document_indices) == 1))
-                        for s in self.shards]
+        self._single = [s.one_sequence_documents() for s in self.shards]
         self._lengths = [s.sequence_lengths if single else _document_lengths(s)
                          for s, single in zip(self.shards, self._single)]
         self._starts = np.zeros(len(self.shards) + 1, dtype=np.int64)

@@ -146,3 +146,29 @@ def test_the_index_build_checks_the_layout(tmp_path):
     prefix = _write_raw(str(tmp_path / "bad"), [2, -1, 5], [0, 4, 2], [0, 1, 2, 3])
     with pytest.raises(ix.IndexedDatasetError, match=r"sequence 1 \(length -1"):
         GPTDataset(DocumentSource(prefix), range(0, 3), 2, 4, 0, IndexCache(str(tmp_path / "cache")), "train")
+
+
+def test_one_sequence_documents_is_read_block_by_block(tmp_path):
+    """data_prep's layout (a document is one sequence) is told apart from Megatron's multi-sequence documents a
+    block at a time, the block boundaries included."""
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    with ix.IndexedDatasetWriter(single, np.uint16) as writer:
+        for d in range(10):
+            writer.add_sequence([d + 1] * 3)
+            writer.end_document()
+    with ix.IndexedDatasetWriter(multi, np.uint16) as writer:
+        for d in range(10):
+            writer.add_sequence([d + 1] * 3)
+            if d != 6:
+                writer.end_document()  # documents 6 and 7 become one document of two sequences
+    for block in (1, 2, 3, 4, 1 << 22):
+        assert ix.IndexedDataset(single).one_sequence_documents(block) is True
+    empty_doc = str(tmp_path / "empty")  # as many documents as sequences, one of them empty, one of two sequences
+    with ix.IndexedDatasetWriter(empty_doc, np.uint16) as writer:
+        writer.end_document()
+        writer.add_sequence([1])
+        writer.add_sequence([2])
+        writer.end_document()
+    for block in (1, 2, 3, 1 << 22):
+        assert ix.IndexedDataset(multi).one_sequence_documents(block) is False
+        assert ix.IndexedDataset(empty_doc).one_sequence_documents(block) is False

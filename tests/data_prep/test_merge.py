@@ -106,7 +106,7 @@ def test_reshard_copies_runs_of_documents_as_the_one_by_one_rule_cuts(tmp_path, 
     lengths) instead of one document at a time (11.8 us a document: 20 minutes per 100M). With shards smaller than
     many documents (oversized ones alone in a shard) and empty documents, the result is byte-identical to the
     single run and to the per-document path that Megatron files with several sequences a document still take."""
-    import data_prep.merge as merge_module
+    from megatron_mega.data import indexed_dataset
 
     docs = corpus_docs[:40] + [""] * 3 + corpus_docs[40:60]
     write_jsonl(tmp_path / "in" / "a.jsonl", docs[:25])
@@ -128,7 +128,7 @@ def test_reshard_copies_runs_of_documents_as_the_one_by_one_rule_cuts(tmp_path, 
         return files
 
     fast = resharded()
-    monkeypatch.setattr(merge_module, "_one_sequence_documents", lambda dataset: False)
+    monkeypatch.setattr(indexed_dataset.IndexedDataset, "one_sequence_documents", lambda dataset: False)
     assert resharded() == fast
     single = {name: (tmp_path / "single" / name).read_bytes() for name in fast}
     assert fast == single and len(fast) > 7
