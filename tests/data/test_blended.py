@@ -70,6 +70,8 @@ def test_samples_per_dataset_counts_block_by_block(monkeypatch):
     from megatron_mega.data.index_cache import CachedIndices
 
     arrays = blended.build_blending_indices([0.5, 0.2, 0.3], 1001)
+    assert blended.samples_per_dataset(CachedIndices("blend-test", arrays, True, ""), 3) == arrays["counts"].tolist()
+    arrays.pop("counts")  # as blends cached before the counts were kept: counted
     indices = CachedIndices("blend-test", arrays, built=True, directory="")
     monkeypatch.setattr(blended, "_COUNT_BLOCK", 64)  # 16 blocks, the last one short
     assert blended.samples_per_dataset(indices, 4) == np.bincount(arrays["dataset_index"], minlength=4).tolist()
@@ -80,9 +82,14 @@ def test_blends_of_this_version_never_change():
     from the pure-Python build that numba's compiled walk replaced."""
     from megatron_mega.data import blended
 
+    def digest(weights, size):
+        arrays = build_blending_indices(weights, size)
+        assert arrays["counts"].tolist() == np.bincount(arrays["dataset_index"], minlength=len(weights)).tolist()
+        return index_digest({name: arrays[name] for name in ("dataset_index", "dataset_sample_index")})
+
     assert blended.BLEND_VERSION == 1
-    assert index_digest(build_blending_indices([0.5, 0.2, 0.3, 1e-3], 5000)) == "0245ca283710daa2"
-    assert index_digest(build_blending_indices([3, 0, 2, 2, 1], 3001)) == "4a0f3346aa47ed3c"
+    assert digest([0.5, 0.2, 0.3, 1e-3], 5000) == "0245ca283710daa2"
+    assert digest([3, 0, 2, 2, 1], 3001) == "4a0f3346aa47ed3c"
 
 
 def test_the_walk_without_numba_gives_the_same_blend(monkeypatch):
