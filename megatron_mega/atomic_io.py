@@ -30,9 +30,22 @@ def temporary_beside(path: str | os.PathLike) -> str:
 def _usual_mode(mode: int) -> int:
     """`mode` less the umask: what open() and mkdir() give. mkstemp and mkdtemp make 0600 files and 0700 folders,
     which would leave a prepared dataset, a checkpoint or a converted model unreadable to the rest of a team."""
-    umask = os.umask(0)
+    return mode & ~_umask()
+
+
+def _umask() -> int:
+    # Linux reports it (4.7+); setting and restoring it instead would leave a moment in which another thread's new
+    # files get umask 0
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return mode & ~umask
+    return umask
 
 
 @contextlib.contextmanager
