@@ -35,18 +35,18 @@ class DocumentSource:
         self.manifest: Optional[Manifest] = None
         if is_manifest_path(path):
             self.manifest = Manifest.load(path)
-            self.manifest.verify(checksums=verify_checksums)  # counts and dtype always; sha256 when asked
-            prefixes = [self.manifest.shard_prefix(s) for s in self.manifest.shards]
-            if not prefixes:
+            if not self.manifest.shards:
                 raise ManifestError(f"{os.path.join(self.manifest.root, MANIFEST_NAME)}: lists no shards")
+            open_files.make_room(len(self.manifest.shards), path)
+            # counts and dtype always; sha256 when asked
+            self.shards = self.manifest.open_shards(checksums=verify_checksums)
         else:
             if not indexed_dataset.exists(path):
                 raise indexed_dataset.IndexedDatasetError(
                     f"{path}: neither a manifest (a .json file or a folder holding {MANIFEST_NAME}) nor a Megatron "
                     f"prefix ({path}.bin and {path}.idx)")
-            prefixes = [path]
-        open_files.make_room(len(prefixes), path)
-        self.shards = [indexed_dataset.IndexedDataset(p) for p in prefixes]
+            open_files.make_room(1, path)
+            self.shards = [indexed_dataset.IndexedDataset(path)]
         # one sequence per document (data_prep's layout): index the memory-mapped arrays directly, no copies
         self._single = [s.one_sequence_documents() for s in self.shards]
         self._lengths = [s.sequence_lengths if single else _document_lengths(s)
@@ -76,10 +76,15 @@ class DocumentSource:
         return int(self._starts[-1])
 
     def check_layout(self) -> None:
-        """Every shard's index, read whole and checked (IndexedDataset.check_layout); once per instance."""
+        """Every shard's index, read whole and checked (IndexedDataset.check_layout), and its lengths summed against
+        the manifest's token count; once per instance."""
         if not getattr(self, "_layout_checked", False):
-            for shard in self.shards:
+            for k, shard in enumerate(self.shards):
                 shard.check_layout()
+                entry = self.manifest.shards[k] if self.manifest is not None else None
+                if entry is not None and shard.num_tokens != entry.tokens:
+                    raise ManifestError(f"shard {entry.prefix}: its index's lengths add up to {shard.num_tokens} "
+                                        f"tokens, the manifest says {entry.tokens}")
             self._layout_checked = True
 
     def document_lengths(self, start: int = 0, stop: Optional[int] = None, dtype=np.int64) -> np.ndarray:

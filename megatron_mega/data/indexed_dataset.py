@@ -210,6 +210,10 @@ class IndexedDataset:
         return len(self.sequence_lengths)
 
     @property
+    def bin_bytes(self) -> int:
+        return len(self._data)
+
+    @property
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 

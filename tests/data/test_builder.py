@@ -153,3 +153,30 @@ def test_a_bare_prefix_is_hashed_once_for_every_process(tmp_path, monkeypatch):
     from megatron_mega.data.index_cache import IndexCache
 
     assert documents.prefix_identity(prefix, IndexCache("/dev/null/cache")) == first.train.source.identity
+
+
+def test_shards_are_checked_in_constant_time_on_open_and_summed_where_indices_are_built(tmp_path):
+    """Every process opens every shard: the manifest's counts are checked against the index's header and the .bin's
+    size there; the index's lengths are summed only by the process that builds the sample indices (and by
+    `Manifest.verify`, which data_prep runs after writing)."""
+    from megatron_mega.data.documents import DocumentSource
+    from megatron_mega.data.manifest import Manifest
+
+    root = make_manifest(tmp_path / "ds", [np.arange(1, 4)] * 3 + [np.arange(1, 3)] * 3, shards=2)
+    # shard 0's second length 3 -> 2: its sequences still lie inside the .bin, and the .bin's size is unchanged
+    idx = tmp_path / "ds" / "shard-00000.idx"
+    raw = bytearray(idx.read_bytes())
+    raw[34 + 4:34 + 8] = np.array([2], dtype=np.int32).tobytes()  # header 34 bytes, then int32 lengths
+    idx.write_bytes(bytes(raw))
+    source = DocumentSource(root)
+    assert source.num_documents == 6
+    with pytest.raises(ManifestError, match="shard shard-00000: its index's lengths add up to 8 tokens, the "
+                                            "manifest says 9"):
+        build_datasets(config_for(tmp_path, [root], split="1"), {"train": 4}, tokenizer_sha256=None)
+    with pytest.raises(ManifestError, match="its index's lengths add up to 8 tokens"):
+        Manifest.load(root).verify(checksums=False)
+    # a .bin of another size than the manifest's tokens: refused on open
+    with open(tmp_path / "ds" / "shard-00001.bin", "ab") as fh:
+        fh.write(b"\0\0")
+    with pytest.raises(ManifestError, match="shard shard-00001: holds 3 documents / 7 tokens, the manifest says 3 / 6"):
+        DocumentSource(root)
