@@ -166,6 +166,15 @@ def test_token_counts_sum_across_shards_without_copying_the_lengths(source):
     n = source.num_documents
     for start, stop in ((0, n), (0, 1), (3, n - 2), (n // 3, 2 * n // 3 + 1), (5, 5)):
         assert source.token_count(start, stop) == int(lengths[start:stop].sum())
+    # a whole shard's count is the manifest's: its lengths are not read (every process asks, for natural weights)
+    first, last = int(source._starts[1]), int(source._starts[2])
+
+    class Unread:
+        def __getitem__(self, key):
+            raise AssertionError("shard 1's lengths were read")
+
+    source._lengths[1] = Unread()
+    assert source.token_count(first - 2, last + 1) == int(lengths[first - 2:last + 1].sum())
 
 
 def test_indices_of_this_version_never_change():
