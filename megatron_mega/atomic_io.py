@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from typing import Callable, Iterator
 
@@ -21,10 +22,19 @@ def temporary_beside(path: str | os.PathLike) -> str:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(os.fspath(path))}.", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, _usual_mode(0o666))
+        os.fchmod(fd, _mode_for(path, 0o666))
     finally:
         os.close(fd)
     return tmp
+
+
+def _mode_for(path: str | os.PathLike, default: int) -> int:
+    """The mode of the file or folder `path` replaces (as rewriting a file in place keeps it), else `default` less
+    the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return _usual_mode(default)
 
 
 def _usual_mode(mode: int) -> int:
@@ -103,7 +113,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
     try:
-        os.chmod(tmp, _usual_mode(0o777))
+        os.chmod(tmp, _mode_for(path, 0o777))
         yield tmp
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -49,3 +49,17 @@ def test_a_prepared_dataset_is_readable_by_others(tmp_path, umask):
              for d, _, files in os.walk(root) for f in files if not f.endswith(".lock")}
     assert any(name.startswith("index-cache") for name in modes)
     assert {name: m for name, m in modes.items() if m & 0o044 != 0o044} == {}
+
+
+def test_a_rewrite_keeps_the_mode_of_what_it_replaces(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "private.json"
+    atomic_write_text(target, "{}")
+    os.chmod(target, 0o600)  # as its owner set it: a rewrite in place (open "w") would keep it
+    atomic_write_text(target, "{\"a\": 1}")
+    assert mode(target) == 0o600 and target.read_text() == '{"a": 1}'
+    folder = tmp_path / "model"
+    folder.mkdir(mode=0o750)
+    with atomic_directory(folder) as replacement:
+        atomic_write_text(os.path.join(replacement, "config.json"), "{}")
+    assert mode(folder) == 0o750

@@ -102,7 +102,9 @@ _COUNT_BLOCK = 1 << 22
 
 def samples_per_dataset(indices: CachedIndices, num_datasets: int) -> list[int]:
     if "counts" in indices.arrays:
-        return [int(c) for c in indices.arrays["counts"]]
+        counts = [int(c) for c in indices.arrays["counts"]]
+        assert len(counts) == num_datasets, (indices.name, len(counts), num_datasets)  # weights are in the key
+        return counts
     # a blend cached before the counts were kept: counted over the whole index (2 ns a sample, in every process),
     # block by block: bincount widens its input to int64, 8 bytes a sample at once for the whole blend otherwise
     dataset_index = indices.arrays["dataset_index"]

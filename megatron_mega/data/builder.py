@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 from megatron_mega.data import indexed_dataset, open_files
 from megatron_mega.data.blended import BlendedDataset, load_blending_indices, samples_per_dataset
 from megatron_mega.data.config import SPLIT_NAMES, DataConfig, DataConfigError
-from megatron_mega.data.documents import DocumentSource, is_manifest_path, prefix_identity
+from megatron_mega.data.documents import DocumentSource, is_manifest_path
 from megatron_mega.data.gpt_dataset import GPTDataset, split_document_ranges
 from megatron_mega.data.index_cache import IndexCache
 from megatron_mega.data.manifest import Manifest, ManifestError, TokenizerInfo
@@ -60,10 +60,10 @@ def open_sources(config: DataConfig, tokenizer_sha256: Optional[str],
         elif manifest.tokenizer.sha256 != tokenizer.sha256:
             raise ManifestError(f"{path}: prepared with tokenizer sha256 {manifest.tokenizer.sha256[:12]}… but "
                                 f"{first_path} with {tokenizer.sha256[:12]}…; a blend needs one tokenizer")
-    sources = [DocumentSource(path, verify_checksums=config.verify_checksums,
-                              identity=prefix_identity(path, cache) if cache is not None and not is_manifest_path(path)
-                              and indexed_dataset.exists(path) else None)
-               for path in config.paths]
+    sources = [DocumentSource(path, verify_checksums=config.verify_checksums) for path in config.paths]
+    if cache is not None:
+        for source in sources:  # opened, so checked: a damaged file is refused before anything is recorded
+            source.identity_from(cache)
     return sources, tokenizer
 
 

@@ -56,6 +56,11 @@ class DocumentSource:
         self._identity = identity
 
     # ------------------------------------------------------------------ identity (keys the index cache)
+    def identity_from(self, cache: IndexCache) -> None:
+        """Take a bare prefix's identity from `cache`, where one process records it for all (prefix_identity)."""
+        if self._identity is None and self.manifest is None:
+            self._identity = prefix_identity(self.path, cache)
+
     @property
     def identity(self) -> str:
         """A digest of the content, not the location: moving the data keeps its caches valid. Computed when first
@@ -156,15 +161,17 @@ def prefix_content_identity(path: str) -> str:
 
 
 def prefix_identity(path: str, cache: IndexCache) -> str:
-    """prefix_content_identity, hashed by one process: kept in `cache` under the files' location, sizes and
-    modification times, so that the other processes of a job and later runs read it instead of hashing the whole
-    .idx again (12 bytes a document: 7 GB at 600M documents, read by every process of the job otherwise)."""
+    """prefix_content_identity, hashed by one process: kept in `cache` under the files' location, inode, size and
+    change times, so that the other processes of a job and later runs read it instead of hashing the whole .idx
+    again (12 bytes a document: 7 GB at 600M documents, read by every process of the job otherwise). The change
+    time (ctime) is in the key because a rewrite can keep the size and the modification time (`cp -p`, `tar x`),
+    and nothing can set the ctime back."""
     stats = {}
     for kind, file in (("idx", indexed_dataset.index_path(path)), ("bin", indexed_dataset.data_path(path))):
         status = os.stat(file)
-        stats[kind] = [os.path.realpath(file), status.st_size, status.st_mtime_ns]
+        stats[kind] = [os.path.realpath(file), status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns]
     try:
-        entry = cache.load_or_build("prefix", {"version": 1, **stats}, lambda allocate: {
+        entry = cache.load_or_build("prefix", {"version": 2, **stats}, lambda allocate: {
             "identity": np.frombuffer(bytes.fromhex(prefix_content_identity(path)), dtype=np.uint8)})
     except OSError as err:  # a read-only cache of indices built elsewhere: still readable, so hash here
         logger.info("%s: cannot record the identity of %s (%s); hashing it in this process", cache.directory, path, err)

@@ -66,7 +66,29 @@ class CachedIndices:
 
     def __setstate__(self, state: dict) -> None:
         self.name, self.built, self.directory = state["name"], state["built"], state["directory"]
-        self.arrays = {a: np.load(self.path(a), mmap_mode="r", allow_pickle=False) for a in state["arrays"]}
+        marker = os.path.join(self.directory, f"{self.name}.json")
+        self.arrays = {a: open_array(self.path(a), marker) for a in state["arrays"]}
+
+
+SMALL_ARRAY_BYTES = 1 << 16
+
+
+def open_array(path: str, marker: str) -> np.ndarray:
+    """A cached array, memory-mapped read-only; read whole when small (a map holds a file descriptor, and a blend
+    of a hundred corpora holds ~900 maps already)."""
+    try:
+        if os.path.getsize(path) <= SMALL_ARRAY_BYTES:
+            array = np.load(path, allow_pickle=False)
+            array.flags.writeable = False
+            return array
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except OSError as err:
+        if err.errno in (errno.EMFILE, errno.ENFILE):
+            raise IndexCacheError(f"{path}: cannot be opened, too many files are open ({err.strerror}); raise the "
+                                  f"limit (ulimit -n)") from None
+        raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
+    except ValueError as err:
+        raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
 
 
 def description_hash(description: dict[str, Any]) -> str:
@@ -177,18 +199,7 @@ class IndexCache:
             record = json.load(fh)
         if record.get("description") != json.loads(json.dumps(description)):
             raise IndexCacheError(f"{marker}: describes {record.get('description')}, expected {description}")
-        arrays = {}
-        for array in record["arrays"]:
-            path = self._array_path(name, array)
-            try:
-                arrays[array] = np.load(path, mmap_mode="r", allow_pickle=False)
-            except OSError as err:
-                if err.errno == errno.EMFILE:
-                    raise IndexCacheError(f"{path}: cannot be mapped, this process has too many files open ({err}); "
-                                          f"raise the limit (ulimit -n)") from None
-                raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
-            except ValueError as err:
-                raise IndexCacheError(f"{path}: unreadable ({err}); delete {marker} to rebuild") from None
+        arrays = {array: open_array(self._array_path(name, array), marker) for array in record["arrays"]}
         return CachedIndices(name=name, arrays=arrays, built=False, directory=self.directory)
 
 

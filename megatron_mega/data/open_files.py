@@ -39,11 +39,12 @@ def make_room_for_maps(maps: int, what: str) -> None:
 
 
 def _make_room(files: int, what: str, why: str, other_fix: str) -> None:
-    needed = open_files() + files + _HEADROOM
+    now = open_files()
+    needed = now + files + _HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or needed <= soft:
         return
-    if hard != resource.RLIM_INFINITY and needed > hard:
+    if hard != resource.RLIM_INFINITY and now + files > hard:  # cannot fit even without the headroom
         from megatron_mega.data.indexed_dataset import IndexedDatasetError
 
         raise IndexedDatasetError(

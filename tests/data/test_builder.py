@@ -1,6 +1,7 @@
 """Opening datasets for training: the tokenizer check, checksums, and clear refusals."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,13 +147,28 @@ def test_a_bare_prefix_is_hashed_once_for_every_process(tmp_path, monkeypatch):
     os.utime(prefix + ".idx", ns=(1, 1))
     build_datasets(config, {"train": 10}, tokenizer_sha256=None)
     assert len(hashed) == 3  # once for the record, once by prefix_content_identity above
+    # rewritten with the same size and its times put back (cp -p, tar x): the change time still tells
+    idx = Path(prefix + ".idx")
+    status = os.stat(idx)
+    raw = bytearray(idx.read_bytes())
+    lengths = np.frombuffer(raw, dtype=np.int32, count=2, offset=34).copy()  # header 34 bytes, int32 lengths
+    raw[34:42] = np.array([lengths[0] - 1, lengths[1] + 1], dtype=np.int32).tobytes()
+    count = len(random_documents(30, seed=2))
+    pointer = 34 + 4 * count + 8  # the second sequence's int64 byte offset
+    raw[pointer:pointer + 8] = (np.frombuffer(raw, dtype=np.int64, count=1, offset=pointer) - 2).tobytes()
+    idx.write_bytes(bytes(raw))
+    os.utime(idx, ns=(status.st_atime_ns, status.st_mtime_ns))
+    rewritten = build_datasets(config, {"train": 10}, tokenizer_sha256=None)
+    assert len(hashed) == 4 and rewritten.train.source.identity == documents.prefix_content_identity(prefix)
+    assert rewritten.train.source.identity != first.train.source.identity
+    hashed.clear()
     # opened without building (train --dry-run): the identity is never asked for, nothing is hashed
     sources, _ = open_sources(config_for(tmp_path, [prefix], cache_dir=str(tmp_path / "other")), None)
-    assert len(hashed) == 3 and not os.path.exists(tmp_path / "other")
+    assert hashed == [] and not os.path.exists(tmp_path / "other")
     # a cache folder that cannot be written (indices built elsewhere): the identity is hashed in the process
     from megatron_mega.data.index_cache import IndexCache
 
-    assert documents.prefix_identity(prefix, IndexCache("/dev/null/cache")) == first.train.source.identity
+    assert documents.prefix_identity(prefix, IndexCache("/dev/null/cache")) == rewritten.train.source.identity
 
 
 def test_shards_are_checked_in_constant_time_on_open_and_summed_where_indices_are_built(tmp_path):
