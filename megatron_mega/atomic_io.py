@@ -62,9 +62,11 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed."""
     tmp = temporary_beside(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     path = os.fspath(path)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer may have made the file anew (safetensors' save_file makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from megatron_mega.atomic_io import atomic_directory, atomic_write_text, temporary_beside
+from megatron_mega.atomic_io import atomic_directory, atomic_write_text, atomic_write_with, temporary_beside
 
 
 @pytest.fixture
@@ -63,3 +63,14 @@ def test_a_rewrite_keeps_the_mode_of_what_it_replaces(tmp_path, umask):
     with atomic_directory(folder) as replacement:
         atomic_write_text(os.path.join(replacement, "config.json"), "{}")
     assert mode(folder) == 0o750
+
+
+def test_a_writer_that_makes_the_file_anew_still_gets_the_usual_mode(tmp_path, umask):
+    """safetensors' save_file replaces the temporary with a 0600 file of its own: a converted model's weights were
+    unreadable to anyone but their writer."""
+    import torch
+    from safetensors.torch import save_file
+
+    umask(0o022)
+    atomic_write_with(tmp_path / "model.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+    assert mode(tmp_path / "model.safetensors") == 0o644
