@@ -22,24 +22,22 @@ def temporary_beside(path: str | os.PathLike) -> str:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(os.fspath(path))}.", suffix=".tmp", dir=directory)
     try:
-        os.fchmod(fd, _mode_for(path, 0o666))
+        _set_mode(lambda mode: os.fchmod(fd, mode), _usual_mode(0o666))
     finally:
         os.close(fd)
     return tmp
 
 
-def _mode_for(path: str | os.PathLike, default: int) -> int:
-    """The mode of the file or folder `path` replaces (as rewriting a file in place keeps it), else `default` less
-    the umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return _usual_mode(default)
+def _set_mode(chmod, mode: int) -> None:
+    # best effort: some mounts (CIFS, some FUSE) refuse chmod, and a write must not fail for its mode
+    with contextlib.suppress(OSError):
+        chmod(mode)
 
 
 def _usual_mode(mode: int) -> int:
-    """`mode` less the umask: what open() and mkdir() give. mkstemp and mkdtemp make 0600 files and 0700 folders,
-    which would leave a prepared dataset, a checkpoint or a converted model unreadable to the rest of a team."""
+    """`mode` less the umask: what open() and mkdir() give a new file or folder, which an atomic write makes (a
+    rewrite does not keep the old file's mode). mkstemp and mkdtemp make 0600 files and 0700 folders, which would
+    leave a prepared dataset, a checkpoint or a converted model unreadable to the rest of a team."""
     return mode & ~_umask()
 
 
@@ -62,11 +60,11 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`, on error removed."""
     tmp = temporary_beside(path)
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     path = os.fspath(path)
     try:
         yield tmp
-        os.chmod(tmp, mode)  # a writer may have made the file anew (safetensors' save_file makes it 0600)
+        if stat.S_ISREG(os.lstat(tmp).st_mode):  # a writer may have made it anew (safetensors' save_file: 0600)
+            _set_mode(lambda mode: os.chmod(tmp, mode), _usual_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -115,7 +113,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
     try:
-        os.chmod(tmp, _mode_for(path, 0o777))
+        _set_mode(lambda mode: os.chmod(tmp, mode), _usual_mode(0o777))
         yield tmp
         if os.path.isdir(path):
             shutil.rmtree(path)

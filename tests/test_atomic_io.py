@@ -51,18 +51,14 @@ def test_a_prepared_dataset_is_readable_by_others(tmp_path, umask):
     assert {name: m for name, m in modes.items() if m & 0o044 != 0o044} == {}
 
 
-def test_a_rewrite_keeps_the_mode_of_what_it_replaces(tmp_path, umask):
+def test_a_rewrite_makes_a_new_file_with_a_new_files_mode(tmp_path, umask):
+    """Outputs written 0600 by earlier versions become readable when rewritten (a resumed tokenize, `latest`)."""
     umask(0o022)
-    target = tmp_path / "private.json"
-    atomic_write_text(target, "{}")
-    os.chmod(target, 0o600)  # as its owner set it: a rewrite in place (open "w") would keep it
-    atomic_write_text(target, "{\"a\": 1}")
-    assert mode(target) == 0o600 and target.read_text() == '{"a": 1}'
-    folder = tmp_path / "model"
-    folder.mkdir(mode=0o750)
-    with atomic_directory(folder) as replacement:
-        atomic_write_text(os.path.join(replacement, "config.json"), "{}")
-    assert mode(folder) == 0o750
+    target = tmp_path / "latest"
+    target.write_text("step1")
+    os.chmod(target, 0o600)
+    atomic_write_text(target, "step2")
+    assert mode(target) == 0o644 and target.read_text() == "step2"
 
 
 def test_a_writer_that_makes_the_file_anew_still_gets_the_usual_mode(tmp_path, umask):

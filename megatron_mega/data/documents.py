@@ -117,7 +117,7 @@ class DocumentSource:
             if lo >= hi:
                 continue
             if self.manifest is not None and (lo, hi) == (self._starts[k], self._starts[k + 1]):
-                total += self.manifest.shards[k].tokens  # checked against the .bin's size on open
+                total += self.manifest.shards[k].tokens  # checked against the index on open
             else:
                 total += int(lengths[lo - self._starts[k]:hi - self._starts[k]].sum(dtype=np.int64))
         return total

@@ -214,6 +214,15 @@ class IndexedDataset:
         return len(self._data)
 
     @property
+    def tokens_to_last_end(self) -> int:
+        """Tokens up to where the last sequence ends, from the index's last entry (O(1)): the token count for the
+        contiguous layout every writer here and Megatron's make; a .bin may go on past it."""
+        if len(self) == 0:
+            return 0
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+        return end // self.dtype.itemsize
+
+    @property
     def num_documents(self) -> int:
         return len(self.document_indices) - 1
 

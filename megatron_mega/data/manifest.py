@@ -135,7 +135,7 @@ class Manifest:
                                     f"tokens, the manifest says {shard.tokens}")
 
     def open_shards(self, checksums: bool = False) -> list[indexed_dataset.IndexedDataset]:
-        """Every shard, opened and checked in O(1) a shard: documents, tokens (from the .bin's size), dtype, and
+        """Every shard, opened and checked in O(1) a shard: documents, tokens (to the last sequence's end), dtype, and
         with `checksums` its sha256. Every process of a job opens the data: summing the lengths would read 4 bytes
         a document of index in each (`verify` does, and so does the process that builds the sample indices)."""
         return [self._checked_shard(shard, checksums) for shard in self.shards]
@@ -147,7 +147,7 @@ class Manifest:
             raise ManifestError(f"shard {shard.prefix}: {err}") from None
         if str(dataset.dtype) != self.dtype:
             raise ManifestError(f"shard {shard.prefix}: dtype {dataset.dtype}, the manifest says {self.dtype}")
-        tokens = dataset.bin_bytes // dataset.dtype.itemsize
+        tokens = dataset.tokens_to_last_end
         if dataset.num_documents != shard.documents or tokens != shard.tokens:
             raise ManifestError(
                 f"shard {shard.prefix}: holds {dataset.num_documents} documents / {tokens} tokens, the manifest "

@@ -172,8 +172,8 @@ def test_a_bare_prefix_is_hashed_once_for_every_process(tmp_path, monkeypatch):
 
 
 def test_shards_are_checked_in_constant_time_on_open_and_summed_where_indices_are_built(tmp_path):
-    """Every process opens every shard: the manifest's counts are checked against the index's header and the .bin's
-    size there; the index's lengths are summed only by the process that builds the sample indices (and by
+    """Every process opens every shard: the manifest's counts are checked against the index's header and where its
+    last sequence ends; the index's lengths are summed only by the process that builds the sample indices (and by
     `Manifest.verify`, which data_prep runs after writing)."""
     from megatron_mega.data.documents import DocumentSource
     from megatron_mega.data.manifest import Manifest
@@ -191,8 +191,12 @@ def test_shards_are_checked_in_constant_time_on_open_and_summed_where_indices_ar
         build_datasets(config_for(tmp_path, [root], split="1"), {"train": 4}, tokenizer_sha256=None)
     with pytest.raises(ManifestError, match="its index's lengths add up to 8 tokens"):
         Manifest.load(root).verify(checksums=False)
-    # a .bin of another size than the manifest's tokens: refused on open
+    # a .bin that goes on past its last sequence (padded by some tool) still opens, as before
     with open(tmp_path / "ds" / "shard-00001.bin", "ab") as fh:
         fh.write(b"\0\0")
-    with pytest.raises(ManifestError, match="shard shard-00001: holds 3 documents / 7 tokens, the manifest says 3 / 6"):
+    assert DocumentSource(root).num_documents == 6
+    # an index whose last sequence ends elsewhere than the manifest's count: refused on open
+    (tmp_path / "ds" / "manifest.json").write_text((tmp_path / "ds" / "manifest.json").read_text().replace(
+        '"tokens": 6', '"tokens": 7'))
+    with pytest.raises(ManifestError, match="shard shard-00001: holds 3 documents / 6 tokens, the manifest says 3 / 7"):
         DocumentSource(root)
