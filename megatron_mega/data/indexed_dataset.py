@@ -296,9 +296,18 @@ def merge(prefixes: Iterable[str], out_prefix: str) -> None:
         lengths, documents, sequences = [], [np.zeros(1, dtype=np.int64)], 0
         with open(tmp_bin, "wb") as out:
             for part in parts:
-                with open(data_path(part.prefix), "rb") as src:
-                    while chunk := src.read(1 << 24):
-                        out.write(chunk)
+                # the merged index's pointers follow from the lengths (Megatron's rule), so exactly the sequences'
+                # bytes are copied: all of them up to the last one's end when they lie back to back, else one by
+                # one (a .bin with bytes past its last sequence, or between two, would shift every later pointer)
+                if part.is_contiguous():
+                    remaining = part.tokens_to_last_end * dtype.itemsize
+                    with open(data_path(part.prefix), "rb") as src:
+                        while remaining and (chunk := src.read(min(1 << 24, remaining))):
+                            out.write(chunk)
+                            remaining -= len(chunk)
+                else:
+                    for i in range(len(part)):
+                        out.write(part.get(i).tobytes())
                 lengths.append(np.asarray(part.sequence_lengths, dtype=np.int64))
                 documents.append(np.asarray(part.document_indices[1:], dtype=np.int64) + sequences)
                 sequences += len(part)

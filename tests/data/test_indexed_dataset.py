@@ -74,6 +74,29 @@ def test_merge_follows_megatron_rule(tmp_path):
     assert sequences == [[1, 2, 3], [4], [5], [6, 7], [8, 9]]
 
 
+def test_merge_copies_only_the_sequences_bytes(tmp_path):
+    """The merged pointers follow from the lengths, so bytes of a part's .bin past its last sequence, or between two
+    of its sequences, must not be copied: they shifted every later sequence of the merged file."""
+    padded, gapped = str(tmp_path / "padded"), str(tmp_path / "gapped")
+    for prefix, docs in ((padded, [[1, 2, 3], [4, 5]]), (gapped, [[6, 7], [8]])):
+        with ix.IndexedDatasetWriter(prefix, np.uint16) as writer:
+            for doc in docs:
+                writer.add_document(doc)
+    with open(f"{padded}.bin", "ab") as fh:
+        fh.write(np.array([99, 99], dtype=np.uint16).tobytes())  # past the last sequence
+    np.array([6, 7, 99, 8], dtype=np.uint16).tofile(f"{gapped}.bin")  # a token between the two sequences
+    raw = bytearray(open(f"{gapped}.idx", "rb").read())
+    pointer = 34 + 4 * 2 + 8  # header, two int32 lengths, then the second int64 byte offset
+    raw[pointer:pointer + 8] = np.array([6], dtype=np.int64).tobytes()
+    open(f"{gapped}.idx", "wb").write(bytes(raw))
+    assert ix.IndexedDataset(gapped).get(1).tolist() == [8] and not ix.IndexedDataset(gapped).is_contiguous()
+    ix.merge([padded, gapped, padded], str(tmp_path / "all"))
+    merged = ix.IndexedDataset(str(tmp_path / "all"))
+    merged.check_layout()
+    assert [merged.get(i).tolist() for i in range(len(merged))] == [[1, 2, 3], [4, 5], [6, 7], [8], [1, 2, 3], [4, 5]]
+    assert merged.bin_bytes == 13 * 2
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     prefix = str(tmp_path / "x")
     with pytest.raises(RuntimeError):
