@@ -86,11 +86,11 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
         writer(tmp)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+def remove_stale_temporaries(directory: str | os.PathLike, of: str = "") -> list[str]:
     """Delete the temporaries `atomic_path` left in `directory` when its process was killed before it could remove
-    them (SIGKILL runs no cleanup); the names removed. Only for a folder no other process is writing to, as when a
-    run resumes where a killed one stopped."""
-    removed = [name for name in os.listdir(directory) if _TEMPORARY.match(name)]
+    them (SIGKILL runs no cleanup); the names removed. Only for files no other process is writing: a folder, as
+    when a run resumes where a killed one stopped, or with `of`, those of the files whose names start with it."""
+    removed = [name for name in os.listdir(directory) if _TEMPORARY.match(name) and name.startswith(f".{of}")]
     for name in removed:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, name))

@@ -14,11 +14,11 @@ twice in memory, once built and once being saved, and its pages are file-backed,
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
-import contextlib
-import errno
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -26,8 +26,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 from filelock import FileLock, Timeout
 
-from megatron_mega.atomic_io import atomic_write_text, temporary_beside
-
+from megatron_mega.atomic_io import atomic_write_text, remove_stale_temporaries, temporary_beside
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class CachedIndices:
     directory: str
 
     def path(self, array: str) -> str:
-        return os.path.join(self.directory, f"{self.name}-{array}.npy")
+        return _array_file(self.directory, self.name, array)
 
     # memory maps pickle by value (the whole array): send the file names and map them again instead
     def __getstate__(self) -> dict:
@@ -66,8 +65,16 @@ class CachedIndices:
 
     def __setstate__(self, state: dict) -> None:
         self.name, self.built, self.directory = state["name"], state["built"], state["directory"]
-        marker = os.path.join(self.directory, f"{self.name}.json")
+        marker = _marker_file(self.directory, self.name)
         self.arrays = {a: open_array(self.path(a), marker) for a in state["arrays"]}
+
+
+def _array_file(directory: str, name: str, array: str) -> str:
+    return os.path.join(directory, f"{name}-{array}.npy")
+
+
+def _marker_file(directory: str, name: str) -> str:
+    return os.path.join(directory, f"{name}.json")
 
 
 SMALL_ARRAY_BYTES = 1 << 16
@@ -107,7 +114,7 @@ class IndexCache:
         """Load the entry for `description`, building it with `build(allocate)` under the lock when it is missing.
         `build` returns its arrays by name; those it got from `allocate` are already in their files."""
         name = self.entry_name(kind, description)
-        marker = os.path.join(self.directory, f"{name}.json")
+        marker = _marker_file(self.directory, name)
         if os.path.exists(marker):
             return self._load(name, description)
         os.makedirs(self.directory, exist_ok=True)
@@ -134,7 +141,9 @@ class IndexCache:
     def _build(self, name: str, kind: str, description: dict[str, Any],
                build: Callable[[Allocate], dict[str, np.ndarray]], marker: str) -> None:
         logger.info("building index %s in %s", name, self.directory)
-        self._remove_stale_temporaries(name)
+        # an earlier build's, killed before it could remove them (SIGKILL, a job's time limit, SIGBUS): only the
+        # holder of the entry's lock writes these names
+        remove_stale_temporaries(self.directory, of=f"{name}-")
         temporaries: dict[str, str] = {}  # array -> its file until the rename
         mapped: dict[str, np.ndarray] = {}
 
@@ -142,7 +151,7 @@ class IndexCache:
             if array in temporaries:
                 raise ValueError(f"index array {array!r} allocated twice")
             shape = tuple(int(n) for n in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
-            tmp = temporaries[array] = temporary_beside(self._array_path(name, array))
+            tmp = temporaries[array] = temporary_beside(_array_file(self.directory, name, array))
             try:
                 mapped[array] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=shape)
                 _reserve(tmp)
@@ -169,10 +178,10 @@ class IndexCache:
                         raise ValueError(f"index {name}: {array!r} is not the array allocated under that name")
                     _sync(value)
                 else:  # built in memory
-                    temporaries[array] = temporary_beside(self._array_path(name, array))
+                    temporaries[array] = temporary_beside(_array_file(self.directory, name, array))
                     _save(temporaries[array], value)
             for array, tmp in temporaries.items():
-                os.replace(tmp, self._array_path(name, array))
+                os.replace(tmp, _array_file(self.directory, name, array))
         except BaseException:
             for tmp in temporaries.values():
                 with contextlib.suppress(FileNotFoundError):
@@ -182,24 +191,13 @@ class IndexCache:
         record = {"kind": kind, "description": description, "arrays": sorted(arrays)}
         atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-    def _remove_stale_temporaries(self, name: str) -> None:
-        """The temporaries of an earlier build of `name` killed before it could remove them (SIGKILL, a job's time
-        limit, SIGBUS): only the holder of the entry's lock writes these names."""
-        for entry in os.listdir(self.directory):
-            if entry.startswith(f".{name}-") and entry.endswith(".tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.directory, entry))
-
-    def _array_path(self, name: str, array: str) -> str:
-        return os.path.join(self.directory, f"{name}-{array}.npy")
-
     def _load(self, name: str, description: dict[str, Any]) -> CachedIndices:
-        marker = os.path.join(self.directory, f"{name}.json")
+        marker = _marker_file(self.directory, name)
         with open(marker, encoding="utf-8") as fh:
             record = json.load(fh)
         if record.get("description") != json.loads(json.dumps(description)):
             raise IndexCacheError(f"{marker}: describes {record.get('description')}, expected {description}")
-        arrays = {array: open_array(self._array_path(name, array), marker) for array in record["arrays"]}
+        arrays = {array: open_array(_array_file(self.directory, name, array), marker) for array in record["arrays"]}
         return CachedIndices(name=name, arrays=arrays, built=False, directory=self.directory)
 
 
