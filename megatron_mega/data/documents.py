@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -86,10 +86,8 @@ class DocumentSource:
         if not getattr(self, "_layout_checked", False):
             for k, shard in enumerate(self.shards):
                 shard.check_layout()
-                entry = self.manifest.shards[k] if self.manifest is not None else None
-                if entry is not None and shard.num_tokens != entry.tokens:
-                    raise ManifestError(f"shard {entry.prefix}: its index's lengths add up to {shard.num_tokens} "
-                                        f"tokens, the manifest says {entry.tokens}")
+                if self.manifest is not None:
+                    self.manifest.check_token_sum(self.manifest.shards[k], shard)
             self._layout_checked = True
 
     def document_lengths(self, start: int = 0, stop: Optional[int] = None, dtype=np.int64) -> np.ndarray:
@@ -97,13 +95,11 @@ class DocumentSource:
         (a document of several sequences: one sequence's count is an int32 in the index)."""
         stop = self.num_documents if stop is None else stop
         out = np.empty(max(stop - start, 0), dtype=dtype)
-        for k, lengths in enumerate(self._lengths):
-            lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
-            if lo < hi:
-                piece = lengths[lo - self._starts[k]:hi - self._starts[k]]
-                if piece.dtype.itemsize > out.dtype.itemsize and int(piece.max()) > np.iinfo(out.dtype).max:
-                    return self.document_lengths(start, stop)
-                out[lo - start:hi - start] = piece
+        for k, lo, hi in self._shard_ranges(start, stop):
+            piece = self._lengths[k][lo - self._starts[k]:hi - self._starts[k]]
+            if piece.dtype.itemsize > out.dtype.itemsize and int(piece.max()) > np.iinfo(out.dtype).max:
+                return self.document_lengths(start, stop)
+            out[lo - start:hi - start] = piece
         return out
 
     def token_count(self, start: int = 0, stop: Optional[int] = None) -> int:
@@ -112,15 +108,19 @@ class DocumentSource:
         4 bytes a document of index in each)."""
         stop = self.num_documents if stop is None else stop
         total = 0
-        for k, lengths in enumerate(self._lengths):
-            lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
-            if lo >= hi:
-                continue
+        for k, lo, hi in self._shard_ranges(start, stop):
             if self.manifest is not None and (lo, hi) == (self._starts[k], self._starts[k + 1]):
                 total += self.manifest.shards[k].tokens  # checked against the index on open
             else:
-                total += int(lengths[lo - self._starts[k]:hi - self._starts[k]].sum(dtype=np.int64))
+                total += int(self._lengths[k][lo - self._starts[k]:hi - self._starts[k]].sum(dtype=np.int64))
         return total
+
+    def _shard_ranges(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, first, stop) of the documents `start:stop` each shard holds (global document numbers)."""
+        for k in range(len(self.shards)):
+            lo, hi = max(start, int(self._starts[k])), min(stop, int(self._starts[k + 1]))
+            if lo < hi:
+                yield k, lo, hi
 
     def get(self, document: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """Tokens `offset : offset + length` of `document` (to its end when `length` is None)."""

@@ -210,10 +210,6 @@ class IndexedDataset:
         return len(self.sequence_lengths)
 
     @property
-    def bin_bytes(self) -> int:
-        return len(self._data)
-
-    @property
     def tokens_to_last_end(self) -> int:
         """Tokens up to where the last sequence ends, from the index's last entry (O(1)): the token count for the
         contiguous layout every writer here and Megatron's make; a .bin may go on past it."""

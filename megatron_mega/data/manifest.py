@@ -129,10 +129,14 @@ class Manifest:
         """Raise ManifestError unless every shard exists, matches its counts (its index's lengths summed) and
         (optionally) its sha256."""
         for shard in self.shards:
-            dataset = self._checked_shard(shard, checksums)
-            if dataset.num_tokens != shard.tokens:
-                raise ManifestError(f"shard {shard.prefix}: its index's lengths add up to {dataset.num_tokens} "
-                                    f"tokens, the manifest says {shard.tokens}")
+            self.check_token_sum(shard, self._checked_shard(shard, checksums))
+
+    @staticmethod
+    def check_token_sum(shard: ShardEntry, dataset: indexed_dataset.IndexedDataset) -> None:
+        """The shard's index lengths, summed (4 bytes a document read), against the manifest's token count."""
+        if dataset.num_tokens != shard.tokens:
+            raise ManifestError(f"shard {shard.prefix}: its index's lengths add up to {dataset.num_tokens} "
+                                f"tokens, the manifest says {shard.tokens}")
 
     def open_shards(self, checksums: bool = False) -> list[indexed_dataset.IndexedDataset]:
         """Every shard, opened and checked in O(1) a shard: documents, tokens (to the last sequence's end), dtype, and
