@@ -82,11 +82,10 @@ def _tag(directory: str, step: Optional[int]) -> str:
     if not os.path.isdir(directory):
         raise TrainingCheckpointError(f"{directory}: not a directory")
     if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)):
-        parent, name = os.path.split(directory)
-        number = name[len(checkpointing.TAG_PREFIX):]
-        hint = f" --step {int(number)}" if name.startswith(checkpointing.TAG_PREFIX) and number.isdigit() else ""
+        step_here = _step_of_folder(directory)
+        hint = f" --step {step_here}" if step_here is not None else ""
         raise TrainingCheckpointError(f"{directory}: one checkpoint of a run, not the run's checkpoint folder; pass "
-                                      f"{parent}{hint}")
+                                      f"{os.path.dirname(directory)}{hint}")
     if step is not None:
         tag = checkpointing.tag_for(step)
         if not os.path.isdir(os.path.join(directory, tag)):
@@ -103,6 +102,19 @@ def _tag(directory: str, step: Optional[int]) -> str:
         raise TrainingCheckpointError(f"{directory}: no `latest` file; not a training checkpoint folder "
                                       f"(or no checkpoint finished writing)")
     return tag
+
+
+def _step_of_folder(directory: str) -> Optional[int]:
+    """The step of `directory` when it is one step's folder of a run (`run/step00000600`: a trainer state inside,
+    named by its step), else None."""
+    from megatron_mega.training import checkpointing
+
+    name = os.path.basename(os.path.normpath(directory))
+    number = name[len(checkpointing.TAG_PREFIX):]
+    if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)) and \
+            name.startswith(checkpointing.TAG_PREFIX) and number.isdigit():
+        return int(number)
+    return None
 
 
 def find_tokenizer(weights: TrainingWeights) -> Optional[str]:
@@ -201,15 +213,12 @@ def check_init_checkpoint(directory: str, model_config: MegaConfig, objective: s
     from its trainer state alone: the architecture and the objective must be the run's, and a change of either is
     one error naming the field. `train --dry-run` stops here; a run goes on to read the weights."""
     from megatron_mega.convert.hf_import import architecture_differences
-    from megatron_mega.training import checkpointing
 
     field_name = "checkpoint.init_from_checkpoint"
-    directory, step = os.path.abspath(directory), None
-    name = os.path.basename(directory)
-    if os.path.exists(os.path.join(directory, checkpointing.STATE_FILE)) and \
-            name.startswith(checkpointing.TAG_PREFIX) and name[len(checkpointing.TAG_PREFIX):].isdigit():
-        # one step's folder (run/step00000600): that step, not the run's `latest`
-        directory, step = os.path.dirname(directory), int(name[len(checkpointing.TAG_PREFIX):])
+    directory = os.path.abspath(directory)
+    step = _step_of_folder(directory)
+    if step is not None:  # one step's folder (run/step00000600): that step, not the run's `latest`
+        directory = os.path.dirname(directory)
     try:
         header = read_checkpoint_header(directory, step)
     except TrainingCheckpointError as err:

@@ -119,6 +119,7 @@ def layout_of(config: TrainConfig, world_size: int) -> dict[str, int]:
 def describe_data(config: TrainConfig, world_size: int) -> tuple[list[str], Optional[str]]:
     """(report lines, the data's tokenizer sha256) after opening the tokenizer and every dataset and checking them
     as a run does; each split's samples against the tokens it holds."""
+    from megatron_mega.data.blended import normalize_weights
     from megatron_mega.data.builder import check_objective, open_sources
     from megatron_mega.data.config import SPLIT_NAMES
     from megatron_mega.data.gpt_dataset import split_document_ranges
@@ -151,8 +152,7 @@ def describe_data(config: TrainConfig, world_size: int) -> tuple[list[str], Opti
         tokens = [s.token_count(r[split_id].start, r[split_id].stop) for s, r in zip(sources, ranges)]
         documents = sum(len(r[split_id]) for r in ranges)
         if data.weights is not None:
-            total = float(sum(data.weights))
-            shares = [w / total for w in data.weights]
+            shares = normalize_weights(data.weights)
         else:  # the natural mixture
             shares = [t / max(sum(tokens), 1) for t in tokens]
         needed = wanted[split] * data.seq_len

@@ -576,10 +576,9 @@ class Trainer:
         if saved is not None:
             preflight.check_resumable(saved, cfg, tokenizer_sha, f"{load_dir}/{tag}")
         self.weight_decay_rule = rule_of_checkpoint(saved)
-        if saved is not None:
-            if self.weight_decay_rule != "weights":
-                self.log(f"{load_dir}/{tag} predates the weight decay rule of new runs: this run keeps decaying every "
-                         f"tensor of rank >= 2 (EMA and relative-position parameters, qk_weight/qk_bias included)")
+        if saved is not None and self.weight_decay_rule != "weights":
+            self.log(f"{load_dir}/{tag} predates the weight decay rule of new runs: this run keeps decaying every "
+                     f"tensor of rank >= 2 (EMA and relative-position parameters, qk_weight/qk_bias included)")
         init_state = None
         if tag is None and ck.init_from_hf:
             from megatron_mega.convert.hf_import import initial_lm_state
