@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_mega.atomic_io import atomic_write_with
 from megatron_mega.model.block import compile_blocks, set_selective_recompute
 from megatron_mega.model.gated_attention import MegaMovingAverageGatedAttention
 from megatron_mega.training import checkpointing, preflight
@@ -422,10 +423,7 @@ class Trainer:
 
         def write() -> None:
             state, step = read()
-            os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            torch.save({"state": state, "step": step}, tmp)
-            os.replace(tmp, path)
+            atomic_write_with(path, lambda tmp: torch.save({"state": state, "step": step}, tmp))
 
         checkpointing.made_by_rank_0(path, write, ctx.rank, f"the weights of {source}")
         blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
